@@ -1,0 +1,28 @@
+"""Small helpers every controller shares."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request
+
+from service.store import Store
+
+
+def audit(
+    request: Request[Any, Any, Any],
+    store: Store,
+    action: str,
+    object_type: str,
+    object_id: str,
+    **detail: Any,
+) -> None:
+    """Record who did what to which object, from where."""
+    store.audit(
+        actor=getattr(request.user, "name", "?"),
+        action=action,
+        object_type=object_type,
+        object_id=object_id,
+        remote=request.client.host if request.client else None,
+        detail=detail,
+    )

@@ -1,0 +1,145 @@
+"""/api/tasks: create, list, show, update, delete, trigger, run history."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, delete, get, patch, post
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
+
+from service.api.common import audit
+from service.api.security import CAN_AUTHOR, CAN_OPERATE, CAN_READ
+from service.errors import ValidationError
+from service.models import Page, Run, Task
+from service.schedule import next_slots
+from service.store import Store
+from service.tasks import check_parameters, parse_task_body, task_values
+
+Limit = Annotated[int, Parameter(ge=1, le=500, description="page size (max 500)")]
+Cursor = Annotated[int | None, Parameter(ge=0, description="next_cursor of the previous page")]
+
+
+class TriggerBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Optional trigger body."""
+
+    parameters: dict[str, Any] = {}
+
+
+def task_view(task: Task, *, upcoming: int = 0) -> dict[str, Any]:
+    """A task as the API shows it (flat), with the next fire times when asked."""
+    out = task.flat()
+    if upcoming and task.schedule and task.enabled:
+        now = datetime.now(UTC)
+        out["next_fire_times"] = next_slots(task.schedule, task.timezone, after=now, count=upcoming)
+    return out
+
+
+class TaskController(Controller):
+    path = "/api/tasks"
+    tags = ["tasks"]
+
+    @post("/", operation_id="createTask", guards=CAN_AUTHOR, sync_to_thread=True)
+    def create(
+        self, request: Request[Any, Any, Any], store: Store, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Create a task; the body is flat, `executor` picks the kind."""
+        fields, spec = parse_task_body(data)
+        task = store.insert_task(task_values(fields, spec))
+        audit(request, store, "task.create", "task", str(task.id), name=task.name)
+        return task_view(task, upcoming=5)
+
+    @get("/", operation_id="listTasks", guards=CAN_READ, sync_to_thread=True)
+    def list_tasks(
+        self,
+        store: Store,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        enabled: bool | None = None,
+        executor: str | None = None,
+        tag: str | None = None,
+        q: Annotated[str | None, Parameter(max_length=100)] = None,
+    ) -> Page:
+        """Tasks in id order, keyset-paginated, filterable by enabled, executor, tag and name."""
+        tasks = store.list_tasks(
+            limit=limit, cursor=cursor, enabled=enabled, executor=executor, tag=tag, q=q
+        )
+        nxt = tasks[-1].id if len(tasks) == limit else None
+        return Page(items=[task_view(t) for t in tasks], next_cursor=nxt)
+
+    @get("/{ref:str}", operation_id="getTask", guards=CAN_READ, sync_to_thread=True)
+    def show(self, store: Store, ref: str) -> dict[str, Any]:
+        """One task by id or name, with its next 5 fire times."""
+        return task_view(store.get_task(ref), upcoming=5)
+
+    @patch("/{ref:str}", operation_id="updateTask", guards=CAN_AUTHOR, sync_to_thread=True)
+    def update(
+        self, request: Request[Any, Any, Any], store: Store, ref: str, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Change some fields; the whole task is validated again."""
+        if not isinstance(data, dict):
+            raise ValidationError("the body must be a JSON object")
+        task = store.get_task(ref)
+        merged = task.body() | data
+        if data.get("executor", task.executor) != task.executor:
+            merged = {k: v for k, v in merged.items() if k not in task.spec or k in data}
+        fields, spec = parse_task_body(merged)
+        updated = store.update_task(task.id, task_values(fields, spec))
+        audit(request, store, "task.update", "task", str(task.id), fields=sorted(data))
+        return task_view(updated, upcoming=5)
+
+    @delete(
+        "/{ref:str}",
+        operation_id="deleteTask",
+        guards=CAN_AUTHOR,
+        sync_to_thread=True,
+        status_code=HTTP_204_NO_CONTENT,
+    )
+    def remove(self, request: Request[Any, Any, Any], store: Store, ref: str) -> None:
+        """Delete a task and its run history."""
+        task = store.get_task(ref)
+        store.delete_task(task.id)
+        audit(request, store, "task.delete", "task", str(task.id), name=task.name)
+
+    @post(
+        "/{ref:str}/trigger",
+        operation_id="triggerTask",
+        guards=CAN_OPERATE,
+        sync_to_thread=True,
+        status_code=HTTP_202_ACCEPTED,
+    )
+    def trigger(
+        self,
+        request: Request[Any, Any, Any],
+        store: Store,
+        ref: str,
+        data: TriggerBody | None = None,
+        idempotency_key: Annotated[
+            str | None, Parameter(header="Idempotency-Key", max_length=200)
+        ] = None,
+    ) -> Run:
+        """Queue a run now; the same Idempotency-Key returns the same run."""
+        task = store.get_task(ref)
+        parameters = check_parameters(data.parameters if data else {})
+        run, created = store.create_run(
+            task, trigger="manual", parameters=parameters, idempotency_key=idempotency_key
+        )
+        if created:
+            audit(request, store, "task.trigger", "task", str(task.id), run_id=run.id)
+        return run
+
+    @get("/{ref:str}/runs", operation_id="listTaskRuns", guards=CAN_READ, sync_to_thread=True)
+    def runs(
+        self,
+        store: Store,
+        ref: str,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        status: str | None = None,
+    ) -> Page:
+        """This task's runs, newest first."""
+        task = store.get_task(ref)
+        runs = store.list_runs(limit=limit, cursor=cursor, task_id=task.id, status=status)
+        return Page(items=runs, next_cursor=runs[-1].id if len(runs) == limit else None)

@@ -1,0 +1,129 @@
+"""One typed settings object, built once from defaults, `nbcron.toml`, `NBCRON_*` env and flags."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "NBCRON_"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every knob nbcron has; passed in, never read from the environment deep in the code."""
+
+    database_url: str | None = None  # None: `nbcron up` starts an embedded PostgreSQL
+    broker_url: str | None = None  # redis://… or amqp://…; None: embedded Valkey
+    data_dir: Path = Path(".nbcron")
+    api_url: str = "http://127.0.0.1:8080"
+    api_key: str | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    dashboard_port: int = 5006
+    notebooks_dir: Path = Path("notebooks")
+    http_allowlist: tuple[str, ...] = ()
+    broker_namespace: str = "nbcron"
+    worker_processes: int = 1
+    worker_threads: int = 4
+    worker_queues: tuple[str, ...] = ("default",)
+    worker_name: str | None = None
+    consumer_wait_ms: int = 100
+    poll_interval_seconds: float = 1.0
+    dispatch_batch: int = 500
+    redispatch_after_seconds: float = 300.0
+    heartbeat_interval_seconds: float = 5.0
+    heartbeat_timeout_seconds: float = 30.0
+    log_max_bytes: int = 10 * 1024 * 1024
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    log_level: str = "INFO"
+
+    @property
+    def admin_key_path(self) -> Path:
+        """Where the first start writes the admin key (mode 0600)."""
+        return self.data_dir / "admin-key"
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with the given (already parsed) fields replaced; None values are ignored."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, **given) if given else self
+
+
+def _coerce(name: str, raw: Any, default: Any) -> Any:
+    """Turn a string or TOML value into the field's type, naming the field on error."""
+    try:
+        if isinstance(default, bool):
+            return raw if isinstance(raw, bool) else str(raw).lower() in {"1", "true", "yes", "on"}
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path):
+            return Path(raw)
+        if isinstance(default, tuple):
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            return tuple(str(i).strip() for i in items if str(i).strip())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"setting {name}: cannot read {raw!r}") from exc
+    return None if raw in ("", None) else str(raw)
+
+
+def _from_mapping(values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+    known = {f.name: f for f in fields(Settings)}
+    parsed: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in known:
+            raise ValueError(f"{source}: unknown setting {key!r}")
+        default = getattr(Settings(), key)
+        parsed[key] = _coerce(key, raw, default)
+    return parsed
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    known = {f.name for f in fields(Settings)}
+    picked = {
+        k[len(ENV_PREFIX) :].lower(): v
+        for k, v in environ.items()
+        if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() in known
+    }
+    return _from_mapping(picked, source="environment")
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    return _from_mapping(data.get("nbcron", data), source=str(path))
+
+
+def load_settings(
+    *, environ: Mapping[str, str] | None = None, toml_path: Path | None = None, **flags: Any
+) -> Settings:
+    """Defaults < `nbcron.toml` (or NBCRON_CONFIG) < `NBCRON_*` environment < flags."""
+    env = os.environ if environ is None else environ
+    path = toml_path or Path(env.get("NBCRON_CONFIG", "nbcron.toml"))
+    values: dict[str, Any] = {}
+    values.update(_from_toml(path))
+    values.update(_from_env(env))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as `NBCRON_*` variables, for child processes started by `nbcron up`."""
+    out: dict[str, str] = {}
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if value is None:
+            continue
+        text = ",".join(value) if isinstance(value, tuple) else str(value)
+        out[ENV_PREFIX + f.name.upper()] = text
+    return out
+
+
+__all__ = ["Settings", "field", "load_settings", "settings_env"]

@@ -1,0 +1,123 @@
+"""The dispatcher: fires cron slots, sends due queued runs to the broker, reaps lost runs.
+
+It wakes on `NOTIFY nbcron_runs` (sent by a trigger on every insert into runs) or after a short
+poll. All claims are SQL (`FOR UPDATE SKIP LOCKED`, unique slots), so several dispatchers may run
+at once and each firing and each send still happens once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import dramatiq
+
+from service.broker import make_broker, send_run
+from service.config import Settings
+from service.errors import NbcronError
+from service.firing import fire_due_tasks
+from service.store import Listener, Store
+
+log = logging.getLogger("nbcron.dispatcher")
+CHANNEL = "nbcron_runs"
+
+
+class Dispatcher:
+    """One dispatcher process's loop; `tick` does one round of work."""
+
+    def __init__(self, store: Store, broker: dramatiq.Broker, settings: Settings) -> None:
+        self.store, self.broker, self.settings = store, broker, settings
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self._last_beat = 0.0
+
+    def tick(self) -> int:
+        """Fire due cron slots, send due runs, reap lost ones; return how many runs were sent."""
+        fire_due_tasks(self.store, now=datetime.now(UTC))
+        sent = self.send_due()
+        self._housekeeping()
+        return sent
+
+    def send_due(self) -> int:
+        """Claim due runs in batches and put their ids on the broker."""
+        total = 0
+        while True:
+            claimed = self.store.claim_dispatch(
+                limit=self.settings.dispatch_batch,
+                redispatch_after=self.settings.redispatch_after_seconds,
+            )
+            total += self._send(claimed)
+            if len(claimed) < self.settings.dispatch_batch:
+                return total
+
+    def _send(self, claimed: list[dict[str, Any]]) -> int:
+        for index, row in enumerate(claimed):
+            try:
+                send_run(self.broker, row["id"], queue=row["queue"])
+            except Exception as exc:  # broker down: give the rest back, they go out later
+                self.store.undo_dispatch([r["id"] for r in claimed[index:]])
+                log.warning("broker unavailable, %d run(s) wait: %s", len(claimed) - index, exc)
+                return index
+        return len(claimed)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now - self._last_beat < self.settings.heartbeat_interval_seconds:
+            return
+        self._last_beat = now
+        self.store.dispatcher_heartbeat(self.name)
+        for row in self.store.reap_lost_runs(timeout=self.settings.heartbeat_timeout_seconds):
+            log.warning("run %s: worker %s lost", row["id"], row["worker"])
+
+    def seconds_to_next(self) -> float:
+        """How long the loop may sleep: until the next due run or cron slot, at most one poll."""
+        wait = self.settings.poll_interval_seconds
+        now = datetime.now(UTC)
+        for name in ("next_pending_at", "next_fire_at"):
+            at = self.store.scalar_time(name)
+            if at is not None:
+                wait = min(wait, max(0.0, (at - now).total_seconds()))
+        return wait
+
+
+def run_loop(dispatcher: Dispatcher, stop: threading.Event) -> None:
+    """Tick, then sleep until a NOTIFY, the next due time or a poll; survive Postgres restarts."""
+    listener: Listener | None = None
+    while not stop.is_set():
+        try:
+            listener = listener or dispatcher.store.listener(CHANNEL)
+            dispatcher.tick()
+            wait = dispatcher.seconds_to_next()
+            if wait > 0 and not stop.is_set():
+                listener.wait(min(wait, 1.0))
+        except NbcronError as exc:
+            log.warning("dispatcher: %s; retrying", exc)
+            if listener is not None:
+                listener.close()
+            listener = None
+            stop.wait(1.0)
+    if listener is not None:
+        listener.close()
+
+
+def run_dispatcher(settings: Settings, *, stop: threading.Event | None = None) -> None:
+    """Run one dispatcher process until SIGINT/SIGTERM (or `stop` is set)."""
+    from service.bootstrap import require_database_url
+
+    if stop is None:
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    store = Store(require_database_url(settings), min_size=1, max_size=3).open(wait=False)
+    broker = make_broker(settings)
+    log.info("dispatcher started")
+    try:
+        run_loop(Dispatcher(store, broker, settings), stop)
+    finally:
+        broker.close()
+        store.close()

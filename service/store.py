@@ -1,0 +1,485 @@
+"""The Store: the one place that talks to PostgreSQL. Queries come by name from queries.sql."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from functools import cache
+from importlib.resources import files
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from service.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
+from service.lifecycle import retry_delay
+from service.models import ApiKey, Run, Task
+
+
+class Planner(Protocol):
+    """Plans one due task's firing (service.firing.plan_firing)."""
+
+    def __call__(self, task: Task, now: datetime, *, active: bool) -> Any: ...
+
+
+_BLOCK_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_JSON_FIELDS = ("spec", "env", "parameters", "detail")
+DEPENDENCY_LOCK = 0x6E62_6372_6F6E  # advisory lock id serialising dependency-graph writes
+
+
+@cache
+def queries() -> dict[str, str]:
+    """Named SQL blocks from service/queries.sql."""
+    text = files("service").joinpath("queries.sql").read_text()
+    parts = _BLOCK_RE.split(text)
+    return {parts[i]: parts[i + 1].strip() for i in range(1, len(parts), 2)}
+
+
+def _params(values: dict[str, Any]) -> dict[str, Any]:
+    """Wrap dict fields as jsonb."""
+    return {k: Jsonb(v) if k in _JSON_FIELDS and v is not None else v for k, v in values.items()}
+
+
+class Tx:
+    """One transaction: run named queries on a connection."""
+
+    def __init__(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
+        self.conn = conn
+
+    def all(self, query: str, /, **params: Any) -> list[dict[str, Any]]:
+        cur = self.conn.execute(queries()[query], _params(params), prepare=True)
+        return cur.fetchall() if cur.description else []
+
+    def one(self, query: str, /, **params: Any) -> dict[str, Any] | None:
+        rows = self.all(query, **params)
+        return rows[0] if rows else None
+
+    def run(self, query: str, /, **params: Any) -> int:
+        return self.conn.execute(queries()[query], _params(params), prepare=True).rowcount
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Turn driver errors into nbcron errors at the store boundary."""
+    try:
+        yield
+    except pg_errors.UniqueViolation as exc:
+        raise ConflictError(_constraint_detail(exc)) from exc
+    except (pg_errors.CheckViolation, pg_errors.NotNullViolation) as exc:
+        raise ValidationError(_constraint_detail(exc)) from exc
+    except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+        raise UnavailableError("the database is not reachable right now; try again") from exc
+
+
+def _constraint_detail(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    if diag.constraint_name == "tasks_name_key":
+        return "a task with this name already exists"
+    return diag.message_primary or str(exc)
+
+
+class Listener:
+    """LISTEN on one channel; `wait` returns when a notification arrives or time is up."""
+
+    def __init__(self, url: str, channel: str) -> None:
+        with _translated():
+            self.conn = psycopg.connect(url, autocommit=True)
+            self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+
+    def wait(self, seconds: float) -> bool:
+        """Block up to `seconds` for a notification; drain any burst; True if one came."""
+        got = False
+        with _translated():
+            for _ in self.conn.notifies(timeout=seconds, stop_after=1):
+                got = True
+            if got:  # one insert storm costs one wake-up
+                for _ in self.conn.notifies(timeout=0.0):
+                    pass
+        return got
+
+    def close(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            self.conn.close()
+
+
+class Store:
+    """Owns the connection pool; every database read and write goes through it."""
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.url = url
+        self.pool = ConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"row_factory": dict_row, "autocommit": False},
+            open=False,
+            timeout=10.0,
+            reconnect_timeout=0,
+            check=ConnectionPool.check_connection,
+        )
+
+    def open(self, *, wait: bool = True) -> Store:
+        """Open the pool (and wait for a first connection when `wait`)."""
+        with _translated():
+            self.pool.open(wait=wait, timeout=10.0)
+        return self
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> Store:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[Tx]:
+        """A transaction, committed on success, with driver errors translated."""
+        with _translated(), self.pool.connection() as conn, conn.transaction():
+            yield Tx(conn)
+
+    def listener(self, channel: str) -> Listener:
+        """A dedicated connection, outside the pool, listening on `channel`."""
+        return Listener(self.url, channel)
+
+    # -- tasks -------------------------------------------------------------
+
+    def insert_task(self, values: dict[str, Any]) -> Task:
+        with self.tx() as tx:
+            self._check_dependencies(tx, values["name"], values["depends_on"])
+            row = tx.one("insert_task", **values)
+        assert row is not None
+        return Task.from_row(row)
+
+    def update_task(self, task_id: int, values: dict[str, Any]) -> Task:
+        with self.tx() as tx:
+            self._check_dependencies(tx, values["name"], values["depends_on"])
+            row = tx.one("update_task", id=task_id, **values)
+        if row is None:
+            raise NotFoundError(f"task {task_id} not found")
+        return Task.from_row(row)
+
+    def _check_dependencies(self, tx: Tx, name: str, depends_on: Sequence[str]) -> None:
+        """Unknown upstreams and cycles are rejected at write time (422 naming depends_on)."""
+        if not depends_on:
+            return
+        tx.conn.execute("SELECT pg_advisory_xact_lock(%s)", (DEPENDENCY_LOCK,))
+        found = {r["name"] for r in tx.all("existing_task_names", names=list(depends_on))}
+        missing = sorted(set(depends_on) - found)
+        if missing:
+            raise ValidationError(
+                f"unknown upstream task(s): {', '.join(missing)}", field="depends_on"
+            )
+        graph = {r["name"]: r["depends_on"] for r in tx.all("dependency_graph")}
+        graph[name] = list(depends_on)
+        cycle = find_cycle(graph, name)
+        if cycle:
+            raise ValidationError(f"dependency cycle: {' -> '.join(cycle)}", field="depends_on")
+
+    def get_task(self, ref: str | int) -> Task:
+        """A task by numeric id or by name."""
+        text = str(ref)
+        with self.tx() as tx:
+            if text.isdigit():
+                row = tx.one("get_task_by_id", id=int(text))
+            else:
+                row = tx.one("get_task_by_name", name=text)
+        if row is None:
+            raise NotFoundError(f"task {text!r} not found")
+        return Task.from_row(row)
+
+    def list_tasks(self, *, limit: int, cursor: int | None = None, **filters: Any) -> list[Task]:
+        params = {"enabled": None, "executor": None, "tag": None, "q": None} | filters
+        with self.tx() as tx:
+            rows = tx.all("list_tasks", limit=limit, cursor=cursor, **params)
+        return [Task.from_row(r) for r in rows]
+
+    def delete_task(self, task_id: int) -> None:
+        with self.tx() as tx:
+            if tx.one("delete_task", id=task_id) is None:
+                raise NotFoundError(f"task {task_id} not found")
+
+    # -- runs --------------------------------------------------------------
+
+    def create_run(
+        self,
+        task: Task,
+        *,
+        trigger: str,
+        parameters: dict[str, Any],
+        idempotency_key: str | None = None,
+    ) -> tuple[Run, bool]:
+        """Queue a run; with an idempotency key the same key returns the same run (created=False)."""
+        with self.tx() as tx:
+            row = tx.one(
+                "insert_run",
+                task_id=task.id,
+                trigger=trigger,
+                attempt=1,
+                retry_of=None,
+                parameters=parameters,
+                queue=task.queue,
+                scheduled_for=None,
+                not_before=None,
+                idempotency_key=idempotency_key,
+            )
+            created = row is not None
+            if row is None:
+                row = tx.one(
+                    "get_run_by_idempotency_key", task_id=task.id, idempotency_key=idempotency_key
+                )
+        assert row is not None
+        return Run.from_row(row | {"task_name": task.name}), created
+
+    def get_run(self, run_id: int) -> Run:
+        with self.tx() as tx:
+            row = tx.one("get_run", id=run_id)
+        if row is None:
+            raise NotFoundError(f"run {run_id} not found")
+        return Run.from_row(row)
+
+    def list_runs(
+        self,
+        *,
+        limit: int,
+        cursor: int | None = None,
+        task_id: int | None = None,
+        status: str | None = None,
+    ) -> list[Run]:
+        with self.tx() as tx:
+            rows = tx.all("list_runs", limit=limit, cursor=cursor, task_id=task_id, status=status)
+        return [Run.from_row(r) for r in rows]
+
+    def cancel_run(self, run_id: int, *, reason: str = "cancelled by user") -> Run:
+        """Cancel a queued run at once, or ask the worker to stop a running one."""
+        with self.tx() as tx:
+            row = tx.one("cancel_queued_run", id=run_id, reason=reason)
+            if row is None:
+                row = tx.one("request_cancel_running", id=run_id)
+        if row is None:
+            run = self.get_run(run_id)
+            raise ConflictError(f"run {run_id} is {run.status} and cannot be cancelled")
+        return self.get_run(run_id)
+
+    def get_logs(self, run_id: int, *, offset: int = 0) -> list[dict[str, Any]]:
+        with self.tx() as tx:
+            return tx.all("get_logs", run_id=run_id, offset=offset)
+
+    # -- dispatch and execution ------------------------------------------
+
+    def fire_due(self, *, now: datetime, planner: Planner, limit: int) -> tuple[int, int]:
+        """Fire up to `limit` due tasks in one transaction; return (tasks fired, runs queued)."""
+        queued = 0
+        with self.tx() as tx:
+            rows = tx.all("due_tasks", limit=limit)
+            for row in rows:
+                queued += self._apply_plan(tx, Task.from_row(row), now, planner)
+        return len(rows), queued
+
+    def _apply_plan(self, tx: Tx, task: Task, now: datetime, planner: Planner) -> int:
+        active = False
+        if task.overlap_policy != "allow":
+            active = tx.one("active_run_of_task", task_id=task.id) is not None
+        plan = planner(task, now, active=active)
+        if plan.cancel_active:
+            tx.run("cancel_active_runs", task_id=task.id, reason="replaced by a newer slot")
+        queued = 0
+        for slot in plan.run_slots:
+            queued += (
+                tx.one(
+                    "insert_run",
+                    task_id=task.id,
+                    trigger="schedule",
+                    attempt=1,
+                    retry_of=None,
+                    parameters={},
+                    queue=task.queue,
+                    scheduled_for=slot,
+                    not_before=None,
+                    idempotency_key=None,
+                )
+                is not None
+            )
+        for slot, reason in plan.missed:
+            tx.run(
+                "insert_missed_run",
+                task_id=task.id,
+                trigger="schedule",
+                queue=task.queue,
+                scheduled_for=slot,
+                reason=reason,
+            )
+        tx.run("set_next_fire_at", id=task.id, next_fire_at=plan.next_fire_at)
+        return queued
+
+    def claim_dispatch(self, *, limit: int, redispatch_after: float) -> list[dict[str, Any]]:
+        with self.tx() as tx:
+            return tx.all("claim_dispatch", limit=limit, redispatch_after=redispatch_after)
+
+    def undo_dispatch(self, ids: list[int]) -> None:
+        with self.tx() as tx:
+            tx.run("undo_dispatch", ids=ids)
+
+    def dispatcher_heartbeat(self, name: str) -> None:
+        with self.tx() as tx:
+            tx.run("dispatcher_heartbeat", name=name)
+
+    def scalar_time(self, name: str) -> datetime | None:
+        with self.tx() as tx:
+            row = tx.one(name)
+        return row["at"] if row else None
+
+    def claim_run(self, run_id: int, *, worker: str) -> dict[str, Any] | None:
+        with self.tx() as tx:
+            return tx.one("claim_run", id=run_id, worker=worker)
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: str,
+        exit_code: int | None,
+        error: str | None,
+        retry_delay: float | None,
+    ) -> dict[str, Any] | None:
+        """Record the final status and, in the same transaction, queue the next attempt."""
+        with self.tx() as tx:
+            row = tx.one("finish_run", id=run_id, status=status, exit_code=exit_code, error=error)
+            if row is not None and retry_delay is not None:
+                tx.run("insert_retry", id=run_id, delay=retry_delay)
+        return row
+
+    def reap_lost_runs(self, *, timeout: float) -> list[dict[str, Any]]:
+        """Fail runs whose worker stopped heartbeating ('worker lost') and queue their retries."""
+        with self.tx() as tx:
+            lost = tx.all("reap_lost_runs", timeout=timeout)
+            for row in lost:
+                delay = retry_delay(
+                    status="failed",
+                    attempt=row["attempt"],
+                    max_retries=row["max_retries"],
+                    base=row["retry_delay_seconds"],
+                )
+                if delay is not None:
+                    tx.run("insert_retry", id=row["id"], delay=delay)
+        return lost
+
+    def append_log(self, run_id: int, seq: int, data: str) -> None:
+        with self.tx() as tx:
+            tx.run("append_log", run_id=run_id, seq=seq, data=data)
+            tx.run("add_log_bytes", id=run_id, n=len(data.encode()))
+
+    def cancel_flags(self, ids: list[int]) -> set[int]:
+        with self.tx() as tx:
+            return {r["id"] for r in tx.all("cancel_flags", ids=ids)}
+
+    def heartbeat_worker(
+        self,
+        *,
+        name: str,
+        hostname: str,
+        pid: int,
+        queues: list[str],
+        threads: int,
+        running: list[int],
+    ) -> None:
+        with self.tx() as tx:
+            tx.run(
+                "upsert_worker",
+                name=name,
+                hostname=hostname,
+                pid=pid,
+                queues=queues,
+                threads=threads,
+                running=len(running),
+            )
+            if running:
+                tx.run("heartbeat_runs", ids=running)
+
+    def stop_worker(self, name: str) -> None:
+        with self.tx() as tx:
+            tx.run("stop_worker", name=name)
+
+    def list_workers(self, *, timeout: float) -> list[dict[str, Any]]:
+        with self.tx() as tx:
+            return tx.all("list_workers", timeout=timeout)
+
+    # -- keys and audit ---------------------------------------------------
+
+    def insert_api_key(self, *, name: str, role: str, prefix: str, key_hash: str) -> ApiKey:
+        with self.tx() as tx:
+            row = tx.one("insert_api_key", name=name, role=role, prefix=prefix, key_hash=key_hash)
+        assert row is not None
+        return ApiKey.from_row(row)
+
+    def key_by_prefix(self, prefix: str) -> dict[str, Any] | None:
+        with self.tx() as tx:
+            return tx.one("get_api_key_by_prefix", prefix=prefix)
+
+    def touch_key(self, key_id: int) -> None:
+        with self.tx() as tx:
+            tx.run("touch_api_key", id=key_id)
+
+    def list_api_keys(self) -> list[ApiKey]:
+        with self.tx() as tx:
+            return [ApiKey.from_row(r) for r in tx.all("list_api_keys")]
+
+    def revoke_api_key(self, key_id: int) -> ApiKey:
+        with self.tx() as tx:
+            row = tx.one("revoke_api_key", id=key_id)
+        if row is None:
+            raise NotFoundError(f"api key {key_id} not found")
+        return ApiKey.from_row(row)
+
+    def count_admin_keys(self) -> int:
+        with self.tx() as tx:
+            row = tx.one("count_admin_keys")
+        return int(row["n"]) if row else 0
+
+    def audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        object_type: str,
+        object_id: str | None,
+        remote: str | None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        with self.tx() as tx:
+            tx.run(
+                "insert_audit",
+                actor=actor,
+                action=action,
+                object_type=object_type,
+                object_id=object_id,
+                remote=remote,
+                detail=detail or {},
+            )
+
+    def ping(self) -> bool:
+        with self.tx() as tx:
+            return tx.one("ping") is not None
+
+
+def find_cycle(graph: dict[str, list[str]], start: str) -> list[str] | None:
+    """A dependency path from `start` back to itself, or None."""
+    stack: list[tuple[str, list[str]]] = [(start, [start])]
+    seen: set[str] = set()
+    while stack:
+        node, path = stack.pop()
+        for upstream in graph.get(node, []):
+            if upstream == start:
+                return [*path, upstream]
+            if upstream not in seen:
+                seen.add(upstream)
+                stack.append((upstream, [*path, upstream]))
+    return None

@@ -1,0 +1,67 @@
+"""Task bodies: split the flat body into common and executor fields, validate both."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from executors import SpecError, UnknownExecutorError, get_executor
+from service.errors import ValidationError
+from service.models import COMMON_FIELDS, TaskFields, convert_or_422, validate_common
+from service.schedule import first_slot_after
+
+MAX_PARAMETERS_BYTES = 256 * 1024
+
+
+def parse_task_body(body: Any) -> tuple[TaskFields, dict[str, Any]]:
+    """Validate a flat task body; return the common fields and the executor's own fields."""
+    if not isinstance(body, dict):
+        raise ValidationError("the task body must be a JSON object", field=None)
+    common = {k: v for k, v in body.items() if k in COMMON_FIELDS}
+    rest = {k: v for k, v in body.items() if k not in COMMON_FIELDS and k != "id"}
+    fields: TaskFields = convert_or_422(common, TaskFields)
+    validate_common(fields)
+    return fields, parse_spec(fields.executor, rest)
+
+
+def parse_spec(kind: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """The executor's fields, validated by the executor itself, as plain JSON data."""
+    try:
+        executor = get_executor(kind)
+    except UnknownExecutorError as exc:
+        raise ValidationError(str(exc), field="executor") from exc
+    try:
+        spec = executor.parse_spec(raw)
+    except SpecError as exc:
+        raise ValidationError(str(exc), field=exc.field) from exc
+    return msgspec.to_builtins(spec)
+
+
+def task_values(
+    fields: TaskFields, spec: dict[str, Any], *, now: datetime | None = None
+) -> dict[str, Any]:
+    """Column values for insert/update, with the next cron slot computed."""
+    values = msgspec.to_builtins(fields)
+    values["spec"] = spec
+    values["next_fire_at"] = None
+    if fields.schedule and fields.enabled:
+        values["next_fire_at"] = first_slot_after(
+            fields.schedule, fields.timezone, now or datetime.now(UTC)
+        )
+    return values
+
+
+def check_parameters(parameters: Any) -> dict[str, Any]:
+    """Trigger parameters: a JSON object of bounded size whose keys are plain names."""
+    if not isinstance(parameters, dict):
+        raise ValidationError("parameters must be a JSON object", field="parameters")
+    for key in parameters:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValidationError(
+                f"parameter name {key!r} is not a valid identifier", field="parameters"
+            )
+    if len(msgspec.json.encode(parameters)) > MAX_PARAMETERS_BYTES:
+        raise ValidationError("parameters are larger than 256 KiB", field="parameters")
+    return parameters

@@ -1,0 +1,285 @@
+"""The worker: a Dramatiq worker whose one actor claims a run, executes it and records the result.
+
+Cross-cutting behaviour (registration, heartbeats, cancel polling, log flushing, shutdown) lives in
+the `WorkerMonitor` middleware; the actor itself stays a short claim → execute → finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import Middleware
+
+from executors import (
+    ExecutorConfig,
+    Outcome,
+    Result,
+    RunContext,
+    SpecError,
+    UnknownExecutorError,
+    get_executor,
+)
+from service.broker import declare_execute_run, make_broker
+from service.config import Settings
+from service.errors import NbcronError
+from service.lifecycle import retry_delay
+from service.store import Store
+
+log = logging.getLogger("nbcron.worker")
+TRUNCATION_MARKER = "\n[nbcron] output truncated: the log reached its limit of {limit} bytes\n"
+SHUTDOWN_ERROR = "worker shut down during the run"
+_FINISH_RETRY_SECONDS = 60.0
+
+
+class RunLog:
+    """Buffers executor output and writes it to run_logs in chunks, capped at `max_bytes`."""
+
+    def __init__(self, store: Store, run_id: int, *, max_bytes: int, flush_bytes: int = 65536):
+        self.store, self.run_id = store, run_id
+        self.max_bytes, self.flush_bytes = max_bytes, flush_bytes
+        self._lock = threading.Lock()
+        self._buf: list[str] = []
+        self._buffered = 0
+        self._written = 0
+        self._seq = 0
+        self.truncated = False
+
+    def write(self, text: str) -> None:
+        """Add output; past the cap, write the truncation marker once and drop the rest."""
+        with self._lock:
+            if self.truncated or not text:
+                return
+            room = self.max_bytes - self._written - self._buffered
+            data = text.encode()
+            if len(data) > room:
+                text = data[: max(room, 0)].decode(errors="ignore")
+                text += TRUNCATION_MARKER.format(limit=self.max_bytes)
+                self.truncated = True
+            self._buf.append(text)
+            self._buffered += len(data)
+            if self._buffered >= self.flush_bytes or self.truncated:
+                self._flush_locked()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._buf:
+            return
+        data = "".join(self._buf)
+        try:
+            self.store.append_log(self.run_id, self._seq, data)
+        except NbcronError as exc:  # keep the output; the next flush tries again
+            log.warning("run %s: log flush failed: %s", self.run_id, exc)
+            return
+        self._seq += 1
+        self._written += self._buffered
+        self._buf, self._buffered = [], 0
+
+
+@dataclass
+class ActiveRun:
+    """A run this worker process is executing now."""
+
+    run_id: int
+    log: RunLog
+    cancel: threading.Event = field(default_factory=threading.Event)
+    shutdown: bool = False
+
+
+class WorkerMonitor(Middleware):
+    """Registers the worker, heartbeats it and its runs, relays cancels, flushes logs."""
+
+    def __init__(self, store: Store, settings: Settings, name: str) -> None:
+        self.store, self.settings, self.name = store, settings, name
+        self.active: dict[int, ActiveRun] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def track(self, run: ActiveRun) -> None:
+        with self._lock:
+            self.active[run.run_id] = run
+
+    def untrack(self, run_id: int) -> None:
+        with self._lock:
+            self.active.pop(run_id, None)
+
+    def snapshot(self) -> list[ActiveRun]:
+        with self._lock:
+            return list(self.active.values())
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self._beat()
+        self._thread = threading.Thread(target=self._loop, name="nbcron-monitor", daemon=True)
+        self._thread.start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        """Stop running work so every run ends in a terminal state before the process exits."""
+        for run in self.snapshot():
+            run.shutdown = True
+            run.cancel.set()
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.store.stop_worker(self.name)
+        except NbcronError as exc:
+            log.warning("could not record worker stop: %s", exc)
+
+    def _loop(self) -> None:
+        last_beat = time.monotonic()
+        while not self._stop.wait(0.5):
+            self._flush_logs()
+            self._relay_cancels()
+            if time.monotonic() - last_beat >= self.settings.heartbeat_interval_seconds:
+                self._beat()
+                last_beat = time.monotonic()
+
+    def _flush_logs(self) -> None:
+        for run in self.snapshot():
+            run.log.flush()
+
+    def _relay_cancels(self) -> None:
+        runs = {r.run_id: r for r in self.snapshot()}
+        if not runs:
+            return
+        try:
+            for run_id in self.store.cancel_flags(list(runs)):
+                runs[run_id].cancel.set()
+        except NbcronError as exc:
+            log.warning("cancel poll failed: %s", exc)
+
+    def _beat(self) -> None:
+        try:
+            self.store.heartbeat_worker(
+                name=self.name,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                queues=list(self.settings.worker_queues),
+                threads=self.settings.worker_threads,
+                running=[r.run_id for r in self.snapshot()],
+            )
+        except NbcronError as exc:
+            log.warning("heartbeat failed: %s", exc)
+
+
+class RunHandler:
+    """The body of the execute_run actor: claim, execute, finish."""
+
+    __name__ = "execute_run"
+
+    def __init__(self, store: Store, monitor: WorkerMonitor, settings: Settings) -> None:
+        self.store, self.monitor, self.settings = store, monitor, settings
+        self.config = ExecutorConfig(
+            notebooks_dir=settings.notebooks_dir.resolve(), http_allowlist=settings.http_allowlist
+        )
+
+    def __call__(self, run_id: int) -> None:
+        claim = self.store.claim_run(run_id, worker=self.monitor.name)
+        if claim is None:
+            return  # already claimed, cancelled or gone: a duplicate delivery is a no-op
+        run = ActiveRun(
+            run_id=run_id, log=RunLog(self.store, run_id, max_bytes=self.settings.log_max_bytes)
+        )
+        self.monitor.track(run)
+        try:
+            result = self._execute(claim, run)
+            run.log.flush()
+            self._finish(claim, run, result)
+        finally:
+            self.monitor.untrack(run_id)
+
+    def _execute(self, claim: dict[str, Any], run: ActiveRun) -> Result:
+        try:
+            executor = get_executor(claim["executor"])
+            spec = executor.parse_spec(claim["spec"])
+        except (UnknownExecutorError, SpecError) as exc:
+            return Result(outcome=Outcome.FAILED, error=f"cannot run this task: {exc}")
+        ctx = RunContext(
+            run_id=run.run_id,
+            task_name=claim["task_name"],
+            parameters=claim["parameters"],
+            env=claim["env"],
+            timeout_seconds=claim["timeout_seconds"],
+            cancel_event=run.cancel,
+            log=run.log.write,
+            add_artifact=lambda *a: None,
+            config=self.config,
+        )
+        return executor.run(spec, ctx)
+
+    def _finish(self, claim: dict[str, Any], run: ActiveRun, result: Result) -> None:
+        status, error = result.outcome.value, result.error
+        if run.shutdown and result.outcome is Outcome.CANCELLED:
+            status, error = Outcome.FAILED.value, SHUTDOWN_ERROR
+        delay = retry_delay(
+            status=status,
+            attempt=claim["attempt"],
+            max_retries=claim["max_retries"],
+            base=claim["retry_delay_seconds"],
+        )
+        self._finish_with_retries(run.run_id, status, result.exit_code, error, delay)
+
+    def _finish_with_retries(
+        self, run_id: int, status: str, code: int | None, error: str | None, delay: float | None
+    ) -> None:
+        """Keep trying while Postgres is away; past the limit the reaper ends the run."""
+        deadline = time.monotonic() + _FINISH_RETRY_SECONDS
+        while True:
+            try:
+                self.store.finish_run(
+                    run_id, status=status, exit_code=code, error=error, retry_delay=delay
+                )
+                return
+            except NbcronError as exc:
+                if time.monotonic() > deadline:
+                    log.error("run %s: could not record its result: %s", run_id, exc)
+                    return
+                time.sleep(1.0)
+
+
+def worker_name(settings: Settings) -> str:
+    return settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> None:
+    """Run one worker process until SIGINT/SIGTERM (or `stop` is set)."""
+    from service.bootstrap import require_database_url
+
+    stop = stop or _stop_on_signals()
+    threads = settings.worker_threads
+    store = Store(require_database_url(settings), min_size=1, max_size=threads + 2).open()
+    monitor = WorkerMonitor(store, settings, worker_name(settings))
+    broker = make_broker(settings, extra=[monitor])
+    declare_execute_run(broker, RunHandler(store, monitor, settings), settings.worker_queues)
+    worker = dramatiq.Worker(
+        broker,
+        queues=set(settings.worker_queues),
+        worker_threads=threads,
+        worker_timeout=settings.consumer_wait_ms,
+    )
+    worker.start()
+    log.info("worker %s consuming %s", monitor.name, ",".join(settings.worker_queues))
+    stop.wait()
+    worker.stop(timeout=30_000)
+    broker.close()
+    store.close()
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
