@@ -94,7 +94,7 @@ def test_run_once_runs_the_latest_even_when_it_is_late() -> None:
 
 def test_run_all_is_bounded_by_max_catchup() -> None:
     plan = plan_firing(make_task(misfire_policy="run_all", max_catchup=10), NOW, active=False)
-    assert plan.run_slots == LATE[-10:] + [LATEST]
+    assert plan.run_slots == [*LATE[-10:], LATEST]
     assert missed_slots(plan) == LATE[:-10]
     assert all("max_catchup" in reason for _, reason in plan.missed)
     assert_partition(plan, ALL_SLOTS)

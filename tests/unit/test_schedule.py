@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -25,7 +26,7 @@ def local_days(slots: list[datetime], tz: str) -> Counter[date]:
 
 
 def assert_strictly_increasing(slots: list[datetime]) -> None:
-    assert all(a < b for a, b in zip(slots, slots[1:], strict=False)), slots
+    assert all(a < b for a, b in itertools.pairwise(slots)), slots
     assert len(set(slots)) == len(slots)
 
 
@@ -152,4 +153,4 @@ def test_hourly_slot_follows_elapsed_hours_across_dst(day: date, hours: int) -> 
     slots = slots_between("30 * * * *", BERLIN, start=start, end=end, limit=100)
     assert_strictly_increasing(slots)
     assert len(slots) == hours
-    assert all(b - a == timedelta(hours=1) for a, b in zip(slots, slots[1:], strict=False))
+    assert all(b - a == timedelta(hours=1) for a, b in itertools.pairwise(slots))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -51,7 +52,7 @@ def test_cycle_path_follows_real_edges() -> None:
     graph = {"a": ["z", "b"], "b": ["y", "c"], "c": ["a"], "z": [], "y": []}
     path = find_cycle(graph, "a")
     assert path is not None and path[0] == path[-1] == "a"
-    assert all(nxt in graph[node] for node, nxt in zip(path, path[1:], strict=False))
+    assert all(nxt in graph[node] for node, nxt in itertools.pairwise(path))
 
 
 QUERIES = queries()
