@@ -7,6 +7,7 @@ records the `Result` they return.
 
 from __future__ import annotations
 
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -115,13 +116,18 @@ class Executor(ABC):
         """Do the work; honour ctx.timeout_seconds and ctx.cancel_event."""
 
 
+_FIELD_RES = (
+    re.compile(r"(?:unknown|missing required) field `([^`]+)`"),
+    re.compile(r"`\$\.([^`\[]+)"),
+)
+
+
 def _field_of(exc: msgspec.ValidationError) -> str | None:
-    text = str(exc)
-    for marker in ("unknown field `", "at `$."):
-        if marker in text:
-            return text.split(marker, 1)[1].split("`", 1)[0].split("[", 1)[0] or None
-    if "missing required field `" in text:
-        return text.split("missing required field `", 1)[1].split("`", 1)[0]
+    """The field a msgspec message names: an unknown/missing field, else the `$.path`."""
+    for pattern in _FIELD_RES:
+        match = pattern.search(str(exc))
+        if match:
+            return match.group(1)
     return None
 
 

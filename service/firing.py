@@ -60,9 +60,15 @@ def plan_firing(task: Task, now: datetime, *, active: bool) -> FirePlan:
     slots = slots_between(
         task.schedule, task.timezone, start=task.next_fire_at, end=now, limit=MAX_SLOTS_PER_TICK
     )
+    if len(slots) == MAX_SLOTS_PER_TICK:
+        # Far behind: this window does not reach `now`, so every slot in it is late. The policy
+        # applies once, in the window that reaches `now`; here the slots are only recorded.
+        missed = [(s, "misfire: too far behind, slot not run") for s in slots]
+        return FirePlan(
+            missed=missed, next_fire_at=first_slot_after(task.schedule, task.timezone, slots[-1])
+        )
     plan = _by_overlap(_by_misfire(task, slots, now), task, active=active)
-    upto = slots[-1] if len(slots) == MAX_SLOTS_PER_TICK else now
-    nxt = first_slot_after(task.schedule, task.timezone, upto)
+    nxt = first_slot_after(task.schedule, task.timezone, now)
     return FirePlan(
         run_slots=plan.run_slots,
         missed=plan.missed,

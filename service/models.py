@@ -15,7 +15,7 @@ from service.errors import ValidationError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 _NAME_RE = re.compile(NAME_PATTERN)
-_MSGSPEC_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+_MSGSPEC_PATH_RE = re.compile(r"`\$\.?([^`\[]*)")
 CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 
 

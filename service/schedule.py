@@ -1,7 +1,14 @@
-"""Cron arithmetic: slots of a schedule in its own time zone, stored and compared in UTC."""
+"""Cron arithmetic: slots of a schedule in its own time zone, stored and compared in UTC.
+
+DST: a local time that does not exist (spring forward) fires once, at the first instant after
+the gap (croniter's behaviour). A local time that happens twice (fall back) fires once for
+schedules with fixed hours, on its first occurrence, like classic cron; schedules whose hour
+field is a wildcard follow elapsed time and fire in both repeated hours.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -10,13 +17,32 @@ from croniter import croniter
 _EPSILON = timedelta(microseconds=1)
 
 
-def _iter(schedule: str, timezone: str, after: datetime) -> croniter:
-    return croniter(schedule, after.astimezone(ZoneInfo(timezone)))
+def _fixed_hours(schedule: str) -> bool:
+    parts = schedule.split()
+    if len(parts) != 5:  # @daily, @weekly, … name fixed hours; @hourly does not
+        return schedule.strip() != "@hourly"
+    return not parts[1].startswith("*")
+
+
+def iter_slots(schedule: str, timezone: str, after: datetime) -> Iterator[datetime]:
+    """Fire times strictly after `after`, in UTC, strictly increasing, DST-safe."""
+    zone = ZoneInfo(timezone)
+    skip_repeats = _fixed_hours(schedule)
+    it = croniter(schedule, after.astimezone(zone))
+    last = after.astimezone(UTC)
+    while True:
+        slot = it.get_next(datetime).astimezone(UTC)
+        if slot <= last:
+            continue
+        if skip_repeats and slot.astimezone(zone).fold == 1:
+            continue
+        last = slot
+        yield slot
 
 
 def first_slot_after(schedule: str, timezone: str, after: datetime) -> datetime:
     """The first fire time strictly after `after`, in UTC."""
-    return _iter(schedule, timezone, after).get_next(datetime).astimezone(UTC)
+    return next(iter_slots(schedule, timezone, after))
 
 
 def slots_between(
@@ -24,22 +50,14 @@ def slots_between(
 ) -> list[datetime]:
     """Fire times from `start` (inclusive) to `end` (inclusive), at most `limit`, in UTC."""
     slots: list[datetime] = []
-    it = _iter(schedule, timezone, start - _EPSILON)
-    while len(slots) < limit:
-        slot = it.get_next(datetime).astimezone(UTC)
-        if slot > end:
+    for slot in iter_slots(schedule, timezone, start - _EPSILON):
+        if slot > end or len(slots) >= limit:
             break
-        if not slots or slot > slots[-1]:  # never the same instant twice (DST fall-back)
-            slots.append(slot)
+        slots.append(slot)
     return slots
 
 
 def next_slots(schedule: str, timezone: str, *, after: datetime, count: int) -> list[datetime]:
     """The next `count` fire times after `after`, in UTC."""
-    it = _iter(schedule, timezone, after)
-    out: list[datetime] = []
-    while len(out) < count:
-        slot = it.get_next(datetime).astimezone(UTC)
-        if not out or slot > out[-1]:
-            out.append(slot)
-    return out
+    it = iter_slots(schedule, timezone, after)
+    return [next(it) for _ in range(count)]

@@ -14,7 +14,7 @@ from service.errors import NbcronError
 
 log = logging.getLogger("nbcron.api")
 PROBLEM_JSON = "application/problem+json"
-_FIELD_RE = re.compile(r"at `\$\.?([^`]*)`|(?:unknown|missing required) field `([^`]+)`")
+_FIELD_RE = re.compile(r"(?:unknown|missing required) field `([^`]+)`|`\$\.([^`\[]+)")
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> Response[dict[str, Any]]:
