@@ -19,6 +19,7 @@ import msgspec
 import psutil
 
 from executors import Executor, Outcome, Result, RunContext, SpecError
+from executors.procs import die_with_parent
 
 RUN_MARKER = "NBCRON_RUN_ID"
 _PARAM_NAME_RE = re.compile(r"[^A-Za-z0-9_]")
@@ -128,6 +129,7 @@ class ShellExecutor(Executor):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL),  # a killed worker leaves no orphan run
         )
         tail = _Tail()
         pump = threading.Thread(target=_pump, args=(proc.stdout, ctx, tail), daemon=True)

@@ -68,6 +68,7 @@ CREATE UNIQUE INDEX runs_idempotency_uniq ON runs (task_id, idempotency_key)
 -- Work the dispatcher still has to send, cheapest first.
 CREATE INDEX runs_pending_idx ON runs (not_before, id) WHERE status = 'queued';
 CREATE INDEX runs_running_idx ON runs (heartbeat_at) WHERE status = 'running';
+CREATE INDEX runs_task_active_idx ON runs (task_id) WHERE status IN ('queued', 'running');
 CREATE INDEX runs_task_idx ON runs (task_id, id DESC);
 CREATE INDEX runs_status_idx ON runs (status, id DESC);
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import importlib.util
 import os
@@ -12,40 +11,21 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import psutil
 import redis
 
+from executors.procs import die_with_parent
+
 RUN_USER = "nbcron"  # PostgreSQL refuses to run as root; as root we run it as this system user
 LOCALHOST = "127.0.0.1"
-_PR_SET_PDEATHSIG = 1
 
 
 class EmbeddedServerError(RuntimeError):
     """An embedded server could not be prepared or started; the message quotes its log."""
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
-    """A Popen `preexec_fn` sending `sig` to the child when its parent dies (Linux; else None).
-
-    The kernel ties this to the *thread* that forked, so call Popen from a long-lived thread.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sig)
-
-    return preexec
 
 
 def port_is_free(port: int, host: str = LOCALHOST) -> bool:

@@ -93,6 +93,9 @@ WHERE id IN (
     WHERE status = 'queued' AND not_before <= now()
       AND (dispatched_at IS NULL
            OR dispatched_at < now() - make_interval(secs => %(redispatch_after)s))
+      -- overlap 'replace': the new run waits until the replaced run's tree is gone
+      AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.task_id = runs.task_id
+                      AND o.status = 'running' AND o.cancel_requested)
     ORDER BY not_before, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -147,10 +150,27 @@ RETURNING r.id, r.task_id, r.attempt, r.parameters, t.name AS task_name, t.execu
           t.env, t.timeout_seconds, t.max_retries, t.retry_delay_seconds, r.cancel_requested;
 
 -- name: finish_run
-UPDATE runs SET status = %(status)s, finished_at = now(), exit_code = %(exit_code)s,
+UPDATE runs r SET status = %(status)s, finished_at = now(), exit_code = %(exit_code)s,
        error = %(error)s
-WHERE id = %(id)s AND status = 'running'
-RETURNING *;
+FROM tasks t
+WHERE r.id = %(id)s AND r.status = 'running' AND t.id = r.task_id
+RETURNING r.*, t.name AS task_name;
+
+-- name: dependents_of
+SELECT id, name, depends_on, queue FROM tasks WHERE %(name)s = ANY(depends_on) AND enabled;
+
+-- name: lock_task
+SELECT pg_advisory_xact_lock(7, %(id)s::int);
+
+-- name: upstreams_ready
+-- Every upstream has a run that succeeded after this task's own last run was queued.
+SELECT coalesce(bool_and(EXISTS (
+    SELECT 1 FROM runs r JOIN tasks u ON u.id = r.task_id
+    WHERE u.name = up.name AND r.status = 'succeeded'
+      AND r.finished_at > coalesce(
+          (SELECT max(queued_at) FROM runs WHERE task_id = %(task_id)s), '-infinity')
+)), false) AS ready
+FROM unnest(%(depends_on)s::text[]) AS up(name);
 
 -- name: append_log
 INSERT INTO run_logs (run_id, seq, data) VALUES (%(run_id)s, %(seq)s, %(data)s);
@@ -199,7 +219,8 @@ WHERE t.id = r.task_id AND r.id IN (
     WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => %(timeout)s)
     FOR UPDATE SKIP LOCKED
 )
-RETURNING r.id, r.task_id, r.attempt, r.worker, t.max_retries, t.retry_delay_seconds;
+RETURNING r.id, r.task_id, r.attempt, r.worker, t.name AS task_name, t.max_retries,
+          t.retry_delay_seconds;
 
 -- name: dispatcher_heartbeat
 INSERT INTO dispatchers (name, last_heartbeat) VALUES (%(name)s, now())
@@ -232,3 +253,79 @@ VALUES (%(actor)s, %(action)s, %(object_type)s, %(object_id)s, %(remote)s, %(det
 
 -- name: ping
 SELECT 1 AS ok;
+
+-- dashboard
+-- Read-only blocks for dashboards/data.py (called through Store.dashboard_rows). Every history
+-- query is bounded by a time window on queued_at, so the cost follows the window, not the table.
+
+-- name: dashboard_runs_per_hour
+SELECT date_trunc('hour', r.queued_at) AS hour, r.status, count(*) AS n
+FROM runs r JOIN tasks t ON t.id = r.task_id
+WHERE r.queued_at >= %(since)s
+  AND (%(task)s::text IS NULL OR t.name = %(task)s)
+  AND (%(status)s::text IS NULL OR r.status = %(status)s)
+  AND (%(tag)s::text IS NULL OR %(tag)s = ANY(t.tags))
+GROUP BY 1, 2
+ORDER BY 1, 2;
+
+-- name: dashboard_duration_percentiles
+SELECT t.name AS task, count(*) AS runs,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM r.finished_at - r.started_at)::float8) AS p50,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM r.finished_at - r.started_at)::float8) AS p95
+FROM runs r JOIN tasks t ON t.id = r.task_id
+WHERE r.queued_at >= %(since)s AND r.started_at IS NOT NULL AND r.finished_at IS NOT NULL
+  AND (%(task)s::text IS NULL OR t.name = %(task)s)
+  AND (%(status)s::text IS NULL OR r.status = %(status)s)
+  AND (%(tag)s::text IS NULL OR %(tag)s = ANY(t.tags))
+GROUP BY t.name
+ORDER BY p95 DESC, t.name
+LIMIT %(limit)s;
+
+-- name: dashboard_running_now
+SELECT r.id, t.name AS task, r.attempt, r.worker, r.started_at,
+       extract(epoch FROM now() - r.started_at)::float8 AS elapsed
+FROM runs r JOIN tasks t ON t.id = r.task_id
+WHERE r.status = 'running'
+  AND (%(task)s::text IS NULL OR t.name = %(task)s)
+  AND (%(tag)s::text IS NULL OR %(tag)s = ANY(t.tags))
+ORDER BY r.started_at, r.id
+LIMIT %(limit)s;
+
+-- name: dashboard_queue_depth
+SELECT count(*) AS queued, count(*) FILTER (WHERE not_before <= now()) AS due
+FROM runs WHERE status = 'queued';
+
+-- name: dashboard_tasks
+SELECT id, name, executor, schedule, timezone, enabled, tags, next_fire_at
+FROM tasks
+WHERE (%(task)s::text IS NULL OR name = %(task)s)
+  AND (%(tag)s::text IS NULL OR %(tag)s = ANY(tags))
+ORDER BY name
+LIMIT %(limit)s;
+
+-- name: dashboard_tags
+SELECT DISTINCT unnest(tags) AS tag FROM tasks ORDER BY 1;
+
+-- name: dashboard_task_runs
+SELECT id, status, trigger, attempt, queued_at, started_at, finished_at,
+       extract(epoch FROM finished_at - started_at)::float8 AS duration, worker, exit_code
+FROM runs
+WHERE task_id = %(task_id)s
+  AND (%(status)s::text IS NULL OR status = %(status)s)
+  AND (%(since)s::timestamptz IS NULL OR queued_at >= %(since)s)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: dashboard_latest_report
+-- The newest succeeded run of a task that left an HTML report.
+SELECT r.id AS run_id
+FROM runs r JOIN artifacts a ON a.run_id = r.id AND a.name = %(name)s
+WHERE r.task_id = %(task_id)s AND r.status = 'succeeded'
+ORDER BY r.id DESC
+LIMIT 1;
+
+-- name: dashboard_run_artifacts
+SELECT name, content_type, size, created_at FROM artifacts WHERE run_id = %(run_id)s ORDER BY name;
+
+-- name: dashboard_artifact
+SELECT name, content_type, data FROM artifacts WHERE run_id = %(run_id)s AND name = %(name)s;

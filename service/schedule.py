@@ -1,9 +1,8 @@
 """Cron arithmetic: slots of a schedule in its own time zone, stored and compared in UTC.
 
 DST: a local time that does not exist (spring forward) fires once, at the first instant after
-the gap (croniter's behaviour). A local time that happens twice (fall back) fires once for
-schedules with fixed hours, on its first occurrence, like classic cron; schedules whose hour
-field is a wildcard follow elapsed time and fire in both repeated hours.
+the gap (croniter's behaviour). A local time that happens twice (fall back) fires once, on its
+first occurrence: a repeated hour is not run again, whatever the schedule.
 """
 
 from __future__ import annotations
@@ -17,24 +16,16 @@ from croniter import croniter
 _EPSILON = timedelta(microseconds=1)
 
 
-def _fixed_hours(schedule: str) -> bool:
-    parts = schedule.split()
-    if len(parts) != 5:  # @daily, @weekly, … name fixed hours; @hourly does not
-        return schedule.strip() != "@hourly"
-    return not parts[1].startswith("*")
-
-
 def iter_slots(schedule: str, timezone: str, after: datetime) -> Iterator[datetime]:
     """Fire times strictly after `after`, in UTC, strictly increasing, DST-safe."""
     zone = ZoneInfo(timezone)
-    skip_repeats = _fixed_hours(schedule)
     it = croniter(schedule, after.astimezone(zone))
     last = after.astimezone(UTC)
     while True:
         slot = it.get_next(datetime).astimezone(UTC)
         if slot <= last:
             continue
-        if skip_repeats and slot.astimezone(zone).fold == 1:
+        if slot.astimezone(zone).fold == 1:  # the second pass through a repeated local time
             continue
         last = slot
         yield slot

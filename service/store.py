@@ -353,9 +353,50 @@ class Store:
         """Record the final status and, in the same transaction, queue the next attempt."""
         with self.tx() as tx:
             row = tx.one("finish_run", id=run_id, status=status, exit_code=exit_code, error=error)
-            if row is not None and retry_delay is not None:
-                tx.run("insert_retry", id=run_id, delay=retry_delay)
+            if row is not None:
+                self._follow_up(tx, row, status=status, retry_delay=retry_delay)
         return row
+
+    def _follow_up(
+        self, tx: Tx, run: dict[str, Any], *, status: str, retry_delay: float | None
+    ) -> None:
+        """The next attempt, or (once final) release or miss the dependent tasks."""
+        if retry_delay is not None:
+            tx.run("insert_retry", id=run["id"], delay=retry_delay)
+        elif status == "succeeded":
+            self._release_dependents(tx, run["task_name"])
+        elif status in ("failed", "timed_out"):
+            self._miss_dependents(tx, run["task_name"])
+
+    def _release_dependents(self, tx: Tx, upstream: str) -> None:
+        """Queue each dependent whose upstreams have all succeeded since its own last run."""
+        for task in tx.all("dependents_of", name=upstream):
+            tx.one("lock_task", id=task["id"])  # concurrent upstream finishes queue it once
+            ready = tx.one("upstreams_ready", task_id=task["id"], depends_on=task["depends_on"])
+            if ready and ready["ready"]:
+                tx.one(
+                    "insert_run",
+                    task_id=task["id"],
+                    trigger="dependency",
+                    attempt=1,
+                    retry_of=None,
+                    parameters={},
+                    queue=task["queue"],
+                    scheduled_for=None,
+                    not_before=None,
+                    idempotency_key=None,
+                )
+
+    def _miss_dependents(self, tx: Tx, upstream: str) -> None:
+        for task in tx.all("dependents_of", name=upstream):
+            tx.run(
+                "insert_missed_run",
+                task_id=task["id"],
+                trigger="dependency",
+                queue=task["queue"],
+                scheduled_for=None,
+                reason=f"upstream failed: {upstream}",
+            )
 
     def reap_lost_runs(self, *, timeout: float) -> list[dict[str, Any]]:
         """Fail runs whose worker stopped heartbeating ('worker lost') and queue their retries."""
@@ -368,8 +409,7 @@ class Store:
                     max_retries=row["max_retries"],
                     base=row["retry_delay_seconds"],
                 )
-                if delay is not None:
-                    tx.run("insert_retry", id=row["id"], delay=delay)
+                self._follow_up(tx, row, status="failed", retry_delay=delay)
         return lost
 
     def append_log(self, run_id: int, seq: int, data: str) -> None:
@@ -468,6 +508,15 @@ class Store:
     def ping(self) -> bool:
         with self.tx() as tx:
             return tx.one("ping") is not None
+
+    # -- dashboard reads ----------------------------------------------------
+
+    def dashboard_rows(self, query: str, /, **params: Any) -> list[dict[str, Any]]:
+        """Rows of one read-only `dashboard_*` block of queries.sql (dashboards/data.py)."""
+        if not query.startswith("dashboard_"):
+            raise ValueError(f"{query!r} is not a dashboard query")
+        with self.tx() as tx:
+            return tx.all(query, **params)
 
 
 def find_cycle(graph: dict[str, list[str]], start: str) -> list[str] | None:

@@ -9,7 +9,7 @@ import msgspec
 
 from executors import SpecError, UnknownExecutorError, get_executor
 from service.errors import ValidationError
-from service.models import COMMON_FIELDS, TaskFields, convert_or_422, validate_common
+from service.models import COMMON_FIELDS, Task, TaskFields, convert_or_422, validate_common
 from service.schedule import first_slot_after
 
 MAX_PARAMETERS_BYTES = 256 * 1024
@@ -40,16 +40,30 @@ def parse_spec(kind: str, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_values(
-    fields: TaskFields, spec: dict[str, Any], *, now: datetime | None = None
+    fields: TaskFields,
+    spec: dict[str, Any],
+    *,
+    now: datetime | None = None,
+    previous: Task | None = None,
 ) -> dict[str, Any]:
-    """Column values for insert/update, with the next cron slot computed."""
+    """Column values for insert/update, with the next cron slot.
+
+    Pausing keeps the pending slot, so resuming applies the task's misfire policy to the slots
+    that passed while it was paused; a changed schedule or zone starts from now.
+    """
     values = msgspec.to_builtins(fields)
     values["spec"] = spec
     values["next_fire_at"] = None
-    if fields.schedule and fields.enabled:
-        values["next_fire_at"] = first_slot_after(
-            fields.schedule, fields.timezone, now or datetime.now(UTC)
+    if fields.schedule:
+        same = previous is not None and (previous.schedule, previous.timezone) == (
+            fields.schedule,
+            fields.timezone,
         )
+        if same and previous is not None and previous.next_fire_at is not None:
+            values["next_fire_at"] = previous.next_fire_at
+        else:
+            when = now or datetime.now(UTC)
+            values["next_fire_at"] = first_slot_after(fields.schedule, fields.timezone, when)
     return values
 
 

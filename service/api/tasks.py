@@ -86,7 +86,7 @@ class TaskController(Controller):
         if data.get("executor", task.executor) != task.executor:
             merged = {k: v for k, v in merged.items() if k not in task.spec or k in data}
         fields, spec = parse_task_body(merged)
-        updated = store.update_task(task.id, task_values(fields, spec))
+        updated = store.update_task(task.id, task_values(fields, spec, previous=task))
         audit(request, store, "task.update", "task", str(task.id), fields=sorted(data))
         return task_view(updated, upcoming=5)
 

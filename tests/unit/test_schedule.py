@@ -7,8 +7,6 @@ from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-import pytest
-
 from service.schedule import first_slot_after, next_slots, slots_between
 
 BERLIN = "Europe/Berlin"
@@ -140,17 +138,3 @@ def test_first_slot_after_the_first_fall_back_occurrence_is_the_next_day() -> No
     first = utc(2026, 10, 25, 0, 30)
     assert first_slot_after("30 2 * * *", BERLIN, first - timedelta(seconds=1)) == first
     assert first_slot_after("30 2 * * *", BERLIN, first) == utc(2026, 10, 26, 1, 30)
-
-
-@pytest.mark.parametrize(
-    ("day", "hours"), [(SPRING_FORWARD, 23), (FALL_BACK, 25), (date(2026, 6, 1), 24)]
-)
-def test_hourly_slot_follows_elapsed_hours_across_dst(day: date, hours: int) -> None:
-    # An hourly job runs once per real hour: 23 times on the short day, 25 on the long one.
-    zone = ZoneInfo(BERLIN)
-    start = datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(UTC)
-    end = start + timedelta(hours=hours) - timedelta(seconds=1)
-    slots = slots_between("30 * * * *", BERLIN, start=start, end=end, limit=100)
-    assert_strictly_increasing(slots)
-    assert len(slots) == hours
-    assert all(b - a == timedelta(hours=1) for a, b in itertools.pairwise(slots))

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from service.errors import ValidationError
-from service.models import RunStatus, TaskFields
+from service.models import RunStatus, Task, TaskFields
 from service.tasks import MAX_PARAMETERS_BYTES, check_parameters, parse_task_body, task_values
 
 CONTRACT_EXAMPLE: dict[str, Any] = {"name": "test", "executor": "shell", "command": "echo hello"}
@@ -132,12 +132,35 @@ def test_task_values_compute_next_fire_at() -> None:
     assert values["name"] == "test"
 
 
-def test_task_values_no_next_fire_when_disabled_or_unscheduled() -> None:
+def test_task_values_no_next_fire_when_unscheduled() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    fields, spec = parse_task_body(body(schedule="0 * * * *", enabled=False))
-    assert task_values(fields, spec, now=now)["next_fire_at"] is None
     fields, spec = parse_task_body(CONTRACT_EXAMPLE)
     assert task_values(fields, spec, now=now)["next_fire_at"] is None
+
+
+def test_pausing_keeps_the_pending_slot_and_a_new_schedule_starts_from_now() -> None:
+    # A paused task keeps next_fire_at (the dispatcher skips disabled tasks), so resuming applies
+    # the misfire policy to the slots that passed meanwhile.
+    created = datetime(2026, 1, 1, tzinfo=UTC)
+    later = datetime(2026, 1, 2, 5, 17, tzinfo=UTC)
+    fields, spec = parse_task_body(body(schedule="0 * * * *"))
+    values = task_values(fields, spec, now=created)
+    previous = Task(
+        id=1,
+        created_at=created,
+        updated_at=created,
+        **{k: v for k, v in values.items() if k != "next_fire_at"},
+        next_fire_at=values["next_fire_at"],
+    )
+    paused, spec = parse_task_body(body(schedule="0 * * * *", enabled=False))
+    assert (
+        task_values(paused, spec, now=later, previous=previous)["next_fire_at"]
+        == values["next_fire_at"]
+    )
+    moved, spec = parse_task_body(body(schedule="30 * * * *"))
+    assert task_values(moved, spec, now=later, previous=previous)["next_fire_at"] == datetime(
+        2026, 1, 2, 5, 30, tzinfo=UTC
+    )
 
 
 def test_check_parameters_accepts_plain_objects() -> None:
