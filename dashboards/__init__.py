@@ -1,0 +1,1 @@
+"""The nbcron monitoring dashboard: Polars frames from the store (`data`), Panel views (`app`)."""
