@@ -9,21 +9,22 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
+import shutil
 import signal
 import subprocess
-import threading
 import time
-from typing import IO, Annotated, Any
+from typing import Annotated, Any
 
 import msgspec
 import psutil
 
 from executors import Executor, Outcome, Result, RunContext, SpecError
-from executors.procs import die_with_parent
 
 RUN_MARKER = "NBCRON_RUN_ID"
 _PARAM_NAME_RE = re.compile(r"[^A-Za-z0-9_]")
-_POLL_SECONDS = 0.05
+_POLL_SECONDS = 0.1
+_OUTPUT_GRACE_SECONDS = 2.0
 _TAIL_LINES = 20
 
 
@@ -103,12 +104,87 @@ class _Tail:
         return "\n".join(self.lines)
 
 
-def _pump(stream: IO[bytes], ctx: RunContext, tail: _Tail) -> None:
-    """Copy the process output into the run log as it arrives."""
-    for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
-        text = chunk.decode("utf-8", errors="replace")
-        tail.add(text)
-        ctx.log(text)
+class _Supervisor:
+    """One thread watches the output pipe, the exit (a pidfd), the time limit and cancellation.
+
+    No thread per run and no polling delay: the process's exit or output wakes `select` at once.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], ctx: RunContext, tail: _Tail) -> None:
+        assert proc.stdout is not None
+        self.proc, self.ctx, self.tail = proc, ctx, tail
+        self.out = proc.stdout.fileno()
+        os.set_blocking(self.out, False)
+        self.deadline = time.monotonic() + ctx.timeout_seconds if ctx.timeout_seconds else None
+        self.outcome: Outcome | None = None
+        self.exited_at: float | None = None
+
+    def run(self) -> Outcome | None:
+        pidfd = _pidfd(self.proc.pid)
+        try:
+            while self._step(pidfd):
+                pass
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        return self.outcome
+
+    def _step(self, pidfd: int | None) -> bool:
+        """One wait; False once the output is closed (or abandoned after the process ended)."""
+        self._check_limits()
+        watch = [self.out] + ([pidfd] if pidfd is not None and self.exited_at is None else [])
+        ready, _, _ = select.select(watch, [], [], _POLL_SECONDS)
+        if self.out in ready and not self._read():
+            return False
+        if self.exited_at is None and self.proc.poll() is not None:
+            self.exited_at = time.monotonic()
+        return not self._output_held_too_long()
+
+    def _read(self) -> bool:
+        try:
+            chunk = os.read(self.out, 65536)
+        except BlockingIOError:
+            return True
+        if chunk:
+            text = chunk.decode("utf-8", errors="replace")
+            self.tail.add(text)
+            self.ctx.log(text)
+        return bool(chunk)
+
+    def _check_limits(self) -> None:
+        if self.outcome is not None or self.exited_at is not None:
+            return
+        if self.ctx.cancel_event.is_set():
+            self.outcome = Outcome.CANCELLED
+        elif self.deadline is not None and time.monotonic() >= self.deadline:
+            self.outcome = Outcome.TIMED_OUT
+        if self.outcome is not None:
+            kill_tree(self.proc, self.ctx.run_id, grace=self.ctx.config.kill_grace_seconds)
+
+    def _output_held_too_long(self) -> bool:
+        """The command ended but a background child still holds stdout: kill it, then give up."""
+        if self.exited_at is None:
+            return False
+        held = time.monotonic() - self.exited_at
+        if held > _OUTPUT_GRACE_SECONDS:
+            kill_tree(self.proc, self.ctx.run_id, grace=self.ctx.config.kill_grace_seconds)
+        return held > 2 * _OUTPUT_GRACE_SECONDS
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux, or an old kernel: select times out instead
+        return None
+
+
+def _death_prefix() -> list[str]:
+    """`setpriv --pdeathsig KILL`: the command dies with its worker, without a slow preexec_fn."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+_DEATH_PREFIX = _death_prefix()
 
 
 class ShellExecutor(Executor):
@@ -120,22 +196,22 @@ class ShellExecutor(Executor):
             raise SpecError("command must not contain NUL bytes", field="command")
 
     def execute(self, spec: Any, ctx: RunContext) -> Result:
-        env = self._env(ctx)
         proc = subprocess.Popen(
-            [spec.shell, "-c", spec.command],
+            [*_DEATH_PREFIX, spec.shell, "-c", spec.command],
             cwd=spec.cwd,
-            env=env,
+            env=self._env(ctx),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent(signal.SIGKILL),  # a killed worker leaves no orphan run
         )
         tail = _Tail()
-        pump = threading.Thread(target=_pump, args=(proc.stdout, ctx, tail), daemon=True)
-        pump.start()
-        outcome = self._wait(proc, ctx)
-        self._finish_output(proc, pump, ctx)
+        try:
+            outcome = _Supervisor(proc, ctx, tail).run()
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
+            proc.wait()
         return self._result(outcome, proc.returncode, tail, ctx)
 
     def _env(self, ctx: RunContext) -> dict[str, str]:
@@ -144,29 +220,6 @@ class ShellExecutor(Executor):
         env.update(param_env(dict(ctx.parameters)))
         env[RUN_MARKER] = str(ctx.run_id)
         return env
-
-    def _wait(self, proc: subprocess.Popen[bytes], ctx: RunContext) -> Outcome | None:
-        """Wait for exit; kill the tree on timeout or cancel and say which."""
-        deadline = time.monotonic() + ctx.timeout_seconds if ctx.timeout_seconds else None
-        while proc.poll() is None:
-            if ctx.cancel_event.wait(_POLL_SECONDS):
-                kill_tree(proc, ctx.run_id, grace=ctx.config.kill_grace_seconds)
-                return Outcome.CANCELLED
-            if deadline is not None and time.monotonic() >= deadline:
-                kill_tree(proc, ctx.run_id, grace=ctx.config.kill_grace_seconds)
-                return Outcome.TIMED_OUT
-        return None
-
-    def _finish_output(
-        self, proc: subprocess.Popen[bytes], pump: threading.Thread, ctx: RunContext
-    ) -> None:
-        """Read what is left; a background child holding stdout open is killed, not waited for."""
-        pump.join(timeout=2.0)
-        if pump.is_alive():
-            kill_tree(proc, ctx.run_id, grace=ctx.config.kill_grace_seconds)
-            pump.join(timeout=2.0)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
     def _result(
         self, outcome: Outcome | None, code: int | None, tail: _Tail, ctx: RunContext

@@ -31,6 +31,8 @@ CREATE TABLE tasks (
 
 -- The dispatcher's cron tick reads only tasks that are due: cost follows due tasks, not all tasks.
 CREATE INDEX tasks_due_idx ON tasks (next_fire_at) WHERE enabled AND next_fire_at IS NOT NULL;
+-- Finding the dependents of a task that just finished must not scan every task.
+CREATE INDEX tasks_depends_on_idx ON tasks USING gin (depends_on);
 
 CREATE TABLE runs (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -69,6 +71,8 @@ CREATE UNIQUE INDEX runs_idempotency_uniq ON runs (task_id, idempotency_key)
 CREATE INDEX runs_pending_idx ON runs (not_before, id) WHERE status = 'queued';
 CREATE INDEX runs_running_idx ON runs (heartbeat_at) WHERE status = 'running';
 CREATE INDEX runs_task_active_idx ON runs (task_id) WHERE status IN ('queued', 'running');
+-- Runs being replaced (overlap 'replace'); normally empty, probed for every dispatch.
+CREATE INDEX runs_replacing_idx ON runs (task_id) WHERE status = 'running' AND cancel_requested;
 CREATE INDEX runs_task_idx ON runs (task_id, id DESC);
 CREATE INDEX runs_status_idx ON runs (status, id DESC);
 

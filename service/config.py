@@ -31,7 +31,8 @@ class Settings:
     worker_threads: int = 4
     worker_queues: tuple[str, ...] = ("default",)
     worker_name: str | None = None
-    consumer_wait_ms: int = 100
+    consumer_wait_ms: int = 10  # longest idle poll of the broker: bounds pickup latency
+    worker_prefetch: int = 0  # messages a worker process holds ahead; 0: 16 per thread
     poll_interval_seconds: float = 1.0
     dispatch_batch: int = 500
     redispatch_after_seconds: float = 300.0

@@ -157,7 +157,7 @@ WHERE r.id = %(id)s AND r.status = 'running' AND t.id = r.task_id
 RETURNING r.*, t.name AS task_name;
 
 -- name: dependents_of
-SELECT id, name, depends_on, queue FROM tasks WHERE %(name)s = ANY(depends_on) AND enabled;
+SELECT id, name, depends_on, queue FROM tasks WHERE depends_on @> ARRAY[%(name)s::text] AND enabled;
 
 -- name: lock_task
 SELECT pg_advisory_xact_lock(7, %(id)s::int);

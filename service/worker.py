@@ -270,6 +270,9 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
         worker_threads=threads,
         worker_timeout=settings.consumer_wait_ms,
     )
+    # Dramatiq's consumer backs off (up to worker_timeout) whenever its prefetch is all in flight;
+    # a deep prefetch keeps every thread fed between acks.
+    worker.queue_prefetch = settings.worker_prefetch or 16 * threads
     worker.start()
     log.info("worker %s consuming %s", monitor.name, ",".join(settings.worker_queues))
     stop.wait()
