@@ -33,8 +33,8 @@ class Figure:
         return self.value / self.baseline
 
     def row(self) -> str:
-        ratio = f"{self.ratio:.2f}" if self.ratio is not None else "–"
-        base = f"{self.baseline:,.1f} {self.unit} ({self.baseline_name})" if self.baseline else "–"
+        ratio = f"{self.ratio:.2f}" if self.ratio is not None else "-"
+        base = f"{self.baseline:,.1f} {self.unit} ({self.baseline_name})" if self.baseline else "-"
         return f"| {self.name} | {self.value:,.1f} {self.unit} | {base} | {ratio} | {self.target} |"
 
 
@@ -59,8 +59,10 @@ def record() -> Recorder:
 
 def machine() -> str:
     mem = psutil.virtual_memory().total / 2**30
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB, "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
 
 
 def table(figures: list[Figure]) -> str:
