@@ -22,7 +22,8 @@ run: $(STAMP)
 
 ## Run the whole test suite against the real servers.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not chaos and not bench" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not chaos and not bench" tests notebooks --nbval-lax \
+		--ignore=notebooks/examples $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -42,6 +42,16 @@ WORKER_SCHEMA = {
     "alive": pl.Boolean,
 }
 UPCOMING_SCHEMA = {"at": UTC_US, "task": pl.String, "schedule": pl.String}
+TASK_LIST_SCHEMA = {
+    "name": pl.String,
+    "executor": pl.String,
+    "schedule": pl.String,
+    "enabled": pl.Boolean,
+    "tags": pl.List(pl.String),
+    "last_run_id": pl.Int64,
+    "last_status": pl.String,
+    "last_queued_at": UTC_US,
+}
 TASK_RUNS_SCHEMA = {
     "id": pl.Int64,
     "status": pl.String,
@@ -114,6 +124,7 @@ class Overview:
     queue: QueueDepth
     workers: pl.DataFrame
     upcoming: pl.DataFrame
+    tasks: pl.DataFrame
 
     @property
     def total(self) -> int:
@@ -145,7 +156,9 @@ def stacked_by_hour(per_hour: pl.DataFrame) -> pl.DataFrame:
     """One row per hour, one column per status (zeros filled), for a stacked bar chart."""
     base = pl.DataFrame({"hour": per_hour["hour"].unique().sort()}, schema={"hour": UTC_US})
     for status in STATUSES:
-        counts = per_hour.filter(pl.col("status") == status).select("hour", pl.col("n").alias(status))
+        counts = per_hour.filter(pl.col("status") == status).select(
+            "hour", pl.col("n").alias(status)
+        )
         base = base.join(counts, on="hour", how="left")
     return base.with_columns(pl.col(list(STATUSES)).fill_null(0))
 
@@ -202,7 +215,12 @@ def tag_names(store: DashboardStore) -> list[str]:
 
 
 def upcoming_slots(
-    rows: list[dict[str, Any]], now: datetime, *, hours: int = 24, per_task: int = 48, limit: int = 100
+    rows: list[dict[str, Any]],
+    now: datetime,
+    *,
+    hours: int = 24,
+    per_task: int = 48,
+    limit: int = 100,
 ) -> pl.DataFrame:
     """The next fire times of enabled scheduled tasks within `hours`, soonest first."""
     end = now + timedelta(hours=hours)
@@ -217,11 +235,6 @@ def upcoming_slots(
     return frame(found, UPCOMING_SCHEMA).sort(["at", "task"]).head(limit)
 
 
-def upcoming(store: DashboardStore, filters: Filters, now: datetime) -> pl.DataFrame:
-    """The schedule of the next 24 hours."""
-    return upcoming_slots(tasks(store, task=filters.task, tag=filters.tag), now)
-
-
 def overview(
     store: DashboardStore,
     filters: Filters,
@@ -231,6 +244,7 @@ def overview(
 ) -> Overview:
     """Everything the overview shows, aggregated in SQL over the filter's window."""
     at = now or datetime.now(UTC)
+    task_rows = tasks(store, task=filters.task, tag=filters.tag)
     return Overview(
         filters=filters,
         now=at,
@@ -239,7 +253,8 @@ def overview(
         running=running_now(store, filters),
         queue=queue_depth(store),
         workers=workers(store, timeout=heartbeat_timeout),
-        upcoming=upcoming(store, filters, at),
+        upcoming=upcoming_slots(task_rows, at),
+        tasks=frame(task_rows, TASK_LIST_SCHEMA),
     )
 
 

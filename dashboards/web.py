@@ -50,7 +50,7 @@ button { margin-top: 1rem; padding: .5rem 1.2rem; font-size: 1rem; background: #
 <h1>nbcron dashboard</h1>
 <form method="post" action="$action">
 $xsrf
-<label for="key">API key</label>
+<label for="key">API key or token</label>
 <input type="password" id="key" name="key" autocomplete="current-password" required autofocus>
 <input type="hidden" name="next" value="$next">
 <p class="error" id="login-error">$error</p>
@@ -95,12 +95,20 @@ class Sessions:
             del self._keys[sid]
 
 
+Resolver = Callable[[str], Principal]
+
+
 @dataclass(frozen=True, kw_only=True)
 class WebContext:
-    """What the handlers and the Panel sessions share: the store, the sessions, the secret."""
+    """What the handlers and the Panel sessions share: the store, the sessions, the secret.
+
+    `resolve` turns a credential into a principal or raises AuthError; by default it accepts
+    API keys (`service.auth.authenticate`); `serve_dashboard` also lets the API's tokens in.
+    """
 
     store: Store
     secret: str
+    resolve: Resolver | None = None
     sessions: Sessions = field(default_factory=Sessions)
 
     def sid(self, signed: str | bytes | None) -> str | None:
@@ -117,10 +125,12 @@ class WebContext:
         principal = self.check(key) if key else None
         return (principal, key) if principal and key else None
 
-    def check(self, key: str) -> Principal | None:
-        """`authenticate`, with a bad key as None."""
+    def check(self, credential: str) -> Principal | None:
+        """The principal of a key (or token) right now; None when it is bad, expired or revoked."""
         try:
-            return authenticate(self.store, key)
+            if self.resolve is not None:
+                return self.resolve(credential)
+            return authenticate(self.store, credential)
         except AuthError:
             return None
 

@@ -7,6 +7,7 @@ records the `Result` they return.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 import msgspec
 
 ENTRY_POINT_GROUP = "nbcron.executors"
+log = logging.getLogger("nbcron.executors")
 
 
 class SpecError(ValueError):
@@ -57,6 +59,10 @@ class ExecutorConfig:
     notebooks_dir: Path = Path("notebooks")
     http_allowlist: tuple[str, ...] = ()
     kill_grace_seconds: float = 3.0
+    http_max_response_bytes: int = 1024 * 1024  # body kept in the log and response.json
+    kernel_pool_size: int = 1  # warm, never-used kernels kept per kernel name (0: no pool)
+    kernel_pool_kernels: tuple[str, ...] = ("python3",)  # kernel names warmed at worker start
+    kernel_start_timeout: float = 60.0
 
 
 def _discard_log(text: str) -> None:
@@ -88,17 +94,43 @@ class Executor(ABC):
     kind: ClassVar[str]
     spec_type: ClassVar[type[msgspec.Struct]]
 
-    def parse_spec(self, fields: Mapping[str, Any]) -> msgspec.Struct:
-        """Turn the task's executor fields into `spec_type`, naming the field on error."""
+    def parse_spec(
+        self, fields: Mapping[str, Any], *, config: ExecutorConfig | None = None
+    ) -> msgspec.Struct:
+        """Turn the task's executor fields into `spec_type`, naming the field on error.
+
+        With `config` (the machine's settings) the executor may also check what only that
+        machine can see, such as a notebook under its notebooks folder.
+        """
         try:
             spec = msgspec.convert(dict(fields), self.spec_type, strict=True)
         except msgspec.ValidationError as exc:
             raise SpecError(str(exc).replace("$.", ""), field=_field_of(exc)) from exc
         self.validate(spec)
+        if config is not None:
+            self.validate_on_machine(spec, config)
         return spec
 
     def validate(self, spec: Any) -> None:
         """Checks beyond types; raise SpecError naming the field. Default: none."""
+        return None
+
+    def validate_on_machine(self, spec: Any, config: ExecutorConfig) -> None:
+        """Checks against this machine's settings and files. Default: none."""
+        return None
+
+    def check_parameters(
+        self, spec: Any, parameters: Mapping[str, Any], *, config: ExecutorConfig | None = None
+    ) -> None:
+        """Trigger-time check of run parameters; raise SpecError. Default: anything goes."""
+        return None
+
+    def on_worker_start(self, config: ExecutorConfig) -> None:
+        """Called once when a worker process starts (e.g. to warm kernels). Default: nothing."""
+        return None
+
+    def on_worker_stop(self) -> None:
+        """Called once when a worker process stops. Default: nothing."""
         return None
 
     def run(self, spec: Any, ctx: RunContext) -> Result:
@@ -133,6 +165,7 @@ def _field_of(exc: msgspec.ValidationError) -> str | None:
 
 _registry: dict[str, Executor] = {}
 _lock = threading.Lock()
+_loaded = False
 
 
 def register(executor_cls: type[Executor]) -> None:
@@ -141,20 +174,49 @@ def register(executor_cls: type[Executor]) -> None:
 
 
 def _load_entry_points() -> None:
-    from executors.shell import ShellExecutor  # built-ins work even when not installed
+    global _loaded
+    # built-ins work even when the project is not installed
+    from executors.http import HttpExecutor
+    from executors.notebook import NotebookExecutor
+    from executors.shell import ShellExecutor
 
-    _registry.setdefault(ShellExecutor.kind, ShellExecutor())
+    for builtin in (ShellExecutor, HttpExecutor, NotebookExecutor):
+        _registry.setdefault(builtin.kind, builtin())
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _registry:
             cls = ep.load()
             _registry[ep.name] = cls()
+    _loaded = True
+
+
+def _ensure_loaded() -> None:
+    with _lock:
+        if not _loaded:
+            _load_entry_points()
+
+
+def start_executors(config: ExecutorConfig) -> None:
+    """A worker process starts: let every executor warm up (the notebook kernel pool)."""
+    _ensure_loaded()
+    for executor in list(_registry.values()):
+        try:
+            executor.on_worker_start(config)
+        except Exception:  # one executor's warm-up must not keep the worker from starting
+            log.exception("executor %s failed to start", executor.kind)
+
+
+def stop_executors() -> None:
+    """A worker process stops: let every executor release what it holds."""
+    for executor in list(_registry.values()):
+        try:
+            executor.on_worker_stop()
+        except Exception:
+            log.exception("executor %s failed to stop", executor.kind)
 
 
 def get_executor(kind: str) -> Executor:
     """The executor registered as `kind`, or UnknownExecutorError listing the known kinds."""
-    with _lock:
-        if not _registry:
-            _load_entry_points()
+    _ensure_loaded()
     try:
         return _registry[kind]
     except KeyError:
@@ -164,7 +226,5 @@ def get_executor(kind: str) -> Executor:
 
 def known_kinds() -> list[str]:
     """The registered executor kinds."""
-    with _lock:
-        if not _registry:
-            _load_entry_points()
+    _ensure_loaded()
     return sorted(_registry)

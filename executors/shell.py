@@ -91,17 +91,21 @@ def _signal_all(proc: subprocess.Popen[bytes], targets: list[psutil.Process], si
 
 
 class _Tail:
-    """Keeps the last lines of output for the run's `error` field."""
+    """Keeps the last lines of output for the run's `error` field (lines may span chunks)."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self._partial = ""
 
     def add(self, text: str) -> None:
-        self.lines.extend(text.splitlines())
+        parts = (self._partial + text).split("\n")
+        self._partial = parts.pop()
+        self.lines.extend(parts)
         del self.lines[:-_TAIL_LINES]
 
     def text(self) -> str:
-        return "\n".join(self.lines)
+        lines = [*self.lines, self._partial] if self._partial else self.lines
+        return "\n".join(lines[-_TAIL_LINES:])
 
 
 class _Supervisor:
@@ -232,5 +236,5 @@ class ShellExecutor(Executor):
             return Result(outcome=outcome, exit_code=code, error="cancelled")
         if code == 0:
             return Result(outcome=Outcome.SUCCEEDED, exit_code=0)
-        error = f"exit code {code}" + (f"\n{tail.text()}" if tail.lines else "")
+        error = f"exit code {code}" + (f"\n{tail.text()}" if tail.text() else "")
         return Result(outcome=Outcome.FAILED, exit_code=code, error=error)

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +59,20 @@ def authenticate(store: Store, key: str) -> Principal:
         raise AuthError("invalid API key")
     if row["revoked_at"] is not None:
         raise AuthError("this API key has been revoked")
-    store.touch_key(row["id"])
+    _touch(store, row["id"])
     return Principal(key_id=row["id"], name=row["name"], role=Role(row["role"]))
+
+
+_TOUCH_EVERY_SECONDS = 60.0
+_touched: dict[int, float] = {}
+
+
+def _touch(store: Store, key_id: int) -> None:
+    """Keep last_used_at fresh to the minute without a write on every request."""
+    now = time.monotonic()
+    if now - _touched.get(key_id, -_TOUCH_EVERY_SECONDS) >= _TOUCH_EVERY_SECONDS:
+        _touched[key_id] = now
+        store.touch_key(key_id)
 
 
 def write_secret_file(path: Path, content: str) -> None:

@@ -1,10 +1,9 @@
-"""The `nbcron` command: roles (up, api, dispatcher, worker, migrate) and the REST commands."""
+"""The `nbcron` command: roles (up, api, dispatcher, worker, dashboard, migrate) and the REST commands."""
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from service.client import Client, ClientError
+from service.client import TERMINAL, Client, ClientError, Progress, exit_status
 from service.config import Settings, load_settings
 from service.errors import NbcronError
 
@@ -47,11 +46,13 @@ def _client(ctx: click.Context) -> Client:
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Structured logs (JSON, or console on a terminal) tagged with this command's role."""
+    from service.logging import configure_logging
+    from service.tracing import setup_tracing
+
+    role = click.get_current_context().info_name or "nbcron"
+    configure_logging(settings, role=role)
+    setup_tracing(settings, role=role)  # a no-op unless tracing_enabled
 
 
 @click.group()
@@ -142,6 +143,19 @@ def worker(ctx: click.Context, queues: str | None, threads: int | None) -> None:
 
 
 @main.command()
+@click.option("--port", type=int, help="dashboard port (default 5006)")
+@click.pass_context
+@friendly
+def dashboard(ctx: click.Context, port: int | None) -> None:
+    """Serve the monitoring dashboard."""
+    from dashboards.app import serve_dashboard
+
+    settings = _settings(ctx).with_overrides(dashboard_port=port)
+    _setup_logging(settings)
+    serve_dashboard(settings)
+
+
+@main.command()
 @click.pass_context
 @friendly
 def migrate(ctx: click.Context) -> None:
@@ -164,11 +178,13 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--name", required=True)
 @click.option("--role", required=True, type=click.Choice(["admin", "author", "operator", "viewer"]))
+@click.option("--json", "as_json", is_flag=True, help="print the whole record, key included")
 @click.pass_context
 @friendly
-def keys_create(ctx: click.Context, name: str, role: str) -> None:
+def keys_create(ctx: click.Context, name: str, role: str, as_json: bool) -> None:
     """Create a key and print it alone on stdout (it is shown once)."""
-    click.echo(_client(ctx).create_key(name, role)["key"])
+    created = _client(ctx).create_key(name, role)
+    _emit(created, True) if as_json else click.echo(created["key"])
 
 
 # -- tasks ------------------------------------------------------------------
@@ -235,6 +251,7 @@ def tasks_list(ctx: click.Context, as_json: bool) -> None:
 @click.option("--timeout", "timeout_seconds", type=int)
 @click.option("--retries", "max_retries", type=int)
 @click.option("--param", "params", multiple=True, help="k=v default parameter (notebooks)")
+@click.option("--keep-last", "keep_last", type=int, help="keep the artifacts of the newest N runs")
 @click.option("--body", "raw", help="the whole task body as JSON (other options are merged in)")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -253,9 +270,10 @@ def tasks_add(
 
 @tasks.command("show")
 @click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="JSON (the default for one record)")
 @click.pass_context
 @friendly
-def tasks_show(ctx: click.Context, ref: str) -> None:
+def tasks_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Show a task (id or name) with its next fire times."""
     _emit(_client(ctx).task(ref), True)
 
@@ -276,43 +294,72 @@ def tasks_trigger(
     if not wait:
         _emit(run, True) if as_json else click.echo(f"run {run['id']} queued")
         return
-    click.echo(f"run {run['id']} queued, waiting…", err=True)
-    final = client.wait(run["id"])
-    _emit(final, True) if as_json else click.echo(f"run {final['id']} {final['status']}")
-    sys.exit(0 if final["status"] == "succeeded" else 1)
+    final = client.watch(run["id"], _progress_printer())
+    _emit(final, True) if as_json else click.echo(_run_line(final))
+    sys.exit(exit_status(final))
 
 
-def _set_enabled(ctx: click.Context, ref: str, enabled: bool) -> None:
+def _progress_printer() -> Callable[[Progress], None]:
+    """Progress on stderr: one line redrawn in place on a terminal, else a line per change."""
+    tty = sys.stderr.isatty()
+    seen: list[tuple[str, tuple[int, int] | None]] = []
+
+    def show(progress: Progress) -> None:
+        if tty:
+            end = progress.status in TERMINAL
+            click.echo(f"\r\x1b[K{progress.describe()}", err=True, nl=end)
+        elif not seen or seen[-1] != (progress.status, progress.cell):
+            seen.append((progress.status, progress.cell))
+            click.echo(progress.describe(), err=True)
+
+    return show
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    """`run 7 failed: exit code 3 ...` for a finished run."""
+    text = f"run {run['id']} {run['status']}"
+    if run.get("error"):
+        return f"{text}: {run['error']}"  # it names the exit code when there is one
+    return text + (f" (exit code {run['exit_code']})" if run.get("exit_code") else "")
+
+
+def _set_enabled(ctx: click.Context, ref: str, enabled: bool, as_json: bool = False) -> None:
     task = _client(ctx).update_task(ref, {"enabled": enabled})
+    if as_json:
+        _emit(task, True)
+        return
     click.echo(f"task {task['name']} {'resumed' if enabled else 'paused'}")
 
 
 @tasks.command("pause")
 @click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @friendly
-def tasks_pause(ctx: click.Context, ref: str) -> None:
+def tasks_pause(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Stop a task from firing."""
-    _set_enabled(ctx, ref, False)
+    _set_enabled(ctx, ref, False, as_json)
 
 
 @tasks.command("resume")
 @click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @friendly
-def tasks_resume(ctx: click.Context, ref: str) -> None:
+def tasks_resume(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Let a paused task fire again."""
-    _set_enabled(ctx, ref, True)
+    _set_enabled(ctx, ref, True, as_json)
 
 
 @tasks.command("rm")
 @click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @friendly
-def tasks_rm(ctx: click.Context, ref: str) -> None:
+def tasks_rm(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Delete a task and its history."""
     _client(ctx).delete_task(ref)
-    click.echo(f"task {ref} deleted")
+    _emit({"deleted": ref}, True) if as_json else click.echo(f"task {ref} deleted")
 
 
 # -- runs -------------------------------------------------------------------
@@ -339,9 +386,10 @@ def runs_list(
 
 @runs.command("show")
 @click.argument("run_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="JSON (the default for one record)")
 @click.pass_context
 @friendly
-def runs_show(ctx: click.Context, run_id: int) -> None:
+def runs_show(ctx: click.Context, run_id: int, as_json: bool) -> None:
     """Show one run."""
     _emit(_client(ctx).run(run_id), True)
 
@@ -363,15 +411,49 @@ def runs_logs(ctx: click.Context, run_id: int, follow: bool) -> None:
 
 @runs.command("cancel")
 @click.argument("run_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @friendly
-def runs_cancel(ctx: click.Context, run_id: int) -> None:
+def runs_cancel(ctx: click.Context, run_id: int, as_json: bool) -> None:
     """Cancel a queued or running run."""
     run = _client(ctx).cancel(run_id)
+    if as_json:
+        _emit(run, True)
+        return
     click.echo(
         f"run {run['id']}: {run['status']}"
         + (" (stopping)" if run["cancel_requested"] and run["status"] == "running" else "")
     )
+
+
+# -- jupyter ----------------------------------------------------------------
+
+
+@main.group()
+def jupyter() -> None:
+    """Jupyter: load the %schedule magic in every IPython kernel."""
+
+
+@jupyter.command("enable")
+@click.option("--profile", default="default", show_default=True, help="IPython profile")
+@friendly
+def jupyter_enable(profile: str) -> None:
+    """Write an IPython startup file that loads `service.magic` in every kernel."""
+    from service.jupyter import enable
+
+    path = enable(profile=profile)
+    click.echo(f"wrote {path}; new kernels load %schedule (restart running ones)")
+
+
+@jupyter.command("disable")
+@click.option("--profile", default="default", show_default=True, help="IPython profile")
+@friendly
+def jupyter_disable(profile: str) -> None:
+    """Remove the startup file `nbcron jupyter enable` wrote."""
+    from service.jupyter import disable
+
+    path = disable(profile=profile)
+    click.echo(f"removed {path}" if path else "nothing to remove: it was not enabled")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ class Settings:
     dashboard_port: int = 5006
     notebooks_dir: Path = Path("notebooks")
     http_allowlist: tuple[str, ...] = ()
+    http_max_response_bytes: int = 1024 * 1024  # HTTP executor: response body kept per run
+    kernel_pool_size: int = 1  # warm, never-used kernels per kernel name per worker (0: off)
+    kernel_pool_kernels: tuple[str, ...] = ("python3",)  # kernels warmed when a worker starts
     broker_namespace: str = "nbcron"
     worker_processes: int = 1
     worker_threads: int = 4
@@ -42,11 +45,45 @@ class Settings:
     db_pool_min: int = 1
     db_pool_max: int = 10
     log_level: str = "INFO"
+    # -- observability and alerting (issue 7)
+    log_format: str = "auto"  # auto (console on a terminal, else JSON) | json | console
+    public_url: str | None = None  # base of run links in notifications; default: api_url
+    smtp_host: str | None = None  # e-mail notifications need it
+    smtp_port: int = 587
+    smtp_tls: str = "starttls"  # starttls | ssl | off
+    smtp_user: str | None = None
+    smtp_password: str | None = None
+    smtp_from: str = "nbcron@localhost"
+    notify_timeout_seconds: float = 10.0  # one delivery attempt (HTTP or SMTP)
+    notify_max_attempts: int = 5  # then the notification is given up and logged
+    notify_retry_seconds: float = 10.0  # first retry delay, doubled each attempt (cap 1 h)
+    notify_poll_seconds: float = 2.0  # how often a worker looks for pending notifications
+    notify_log_lines: int = 20  # last log lines in a notification
+    tracing_enabled: bool = False  # OpenTelemetry traces (needs the `tracing` extra)
+    tracing_endpoint: str | None = None  # OTLP/HTTP traces URL; default: OTEL_EXPORTER_* env
+    tracing_service_name: str = "nbcron"
+    # -- security (see service/tokens.py, service/secrets.py, service/ratelimit.py)
+    jwt_secret: str | None = None  # None: generated into <data_dir>/jwt-secret (0600)
+    token_ttl_seconds: int = 900  # lifetime of a JWT from POST /api/auth/token
+    secrets_key: str | None = None  # task secrets key; None: <data_dir>/secrets-key (0600)
+    cors_origins: tuple[str, ...] = ()  # empty: CORS off; "*" or exact origins
+    rate_limit_per_minute: int = 60000  # requests per key per API process; 0: off
+    metrics_public: bool = False  # True: GET /metrics needs no key
 
     @property
     def admin_key_path(self) -> Path:
         """Where the first start writes the admin key (mode 0600)."""
         return self.data_dir / "admin-key"
+
+    @property
+    def jwt_secret_path(self) -> Path:
+        """Where the JWT signing secret is generated when `jwt_secret` is not set (mode 0600)."""
+        return self.data_dir / "jwt-secret"
+
+    @property
+    def secrets_key_path(self) -> Path:
+        """Where the task secrets key is generated when `secrets_key` is not set (mode 0600)."""
+        return self.data_dir / "secrets-key"
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given (already parsed) fields replaced; None values are ignored."""

@@ -23,6 +23,7 @@ from service.config import Settings
 from service.errors import NbcronError
 from service.firing import fire_due_tasks
 from service.store import Listener, Store
+from service.tracing import dispatch_spans
 
 log = logging.getLogger("nbcron.dispatcher")
 CHANNEL = "nbcron_runs"
@@ -35,6 +36,8 @@ class Dispatcher:
         self.store, self.broker, self.settings = store, broker, settings
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self._last_beat = 0.0
+        self._broker_backoff = 0.0
+        self._retry_broker_at = 0.0
 
     def tick(self) -> int:
         """Fire due cron slots, send due runs, reap lost ones; return how many runs were sent."""
@@ -46,14 +49,20 @@ class Dispatcher:
     def send_due(self) -> int:
         """Claim due runs in batches and put their ids on the broker."""
         total = 0
-        while True:
+        while not self.broker_down():
             claimed = self.store.claim_dispatch(
                 limit=self.settings.dispatch_batch,
                 redispatch_after=self.settings.redispatch_after_seconds,
             )
-            total += self._send(claimed)
+            with dispatch_spans(self.store, claimed):
+                total += self._send(claimed)
             if len(claimed) < self.settings.dispatch_batch:
-                return total
+                break
+        return total
+
+    def broker_down(self) -> bool:
+        """True while backing off after a failed send."""
+        return time.monotonic() < self._retry_broker_at
 
     def _send(self, claimed: list[dict[str, Any]]) -> int:
         for index, row in enumerate(claimed):
@@ -61,9 +70,23 @@ class Dispatcher:
                 send_run(self.broker, row["id"], queue=row["queue"])
             except Exception as exc:  # broker down: give the rest back, they go out later
                 self.store.undo_dispatch([r["id"] for r in claimed[index:]])
-                log.warning("broker unavailable, %d run(s) wait: %s", len(claimed) - index, exc)
+                self._broker_failed(exc, waiting=len(claimed) - index)
                 return index
+        if self._broker_backoff:
+            log.info("broker is reachable again")
+            self._broker_backoff = 0.0
         return len(claimed)
+
+    def _broker_failed(self, exc: Exception, *, waiting: int) -> None:
+        """Back off exponentially (to 5 s), so an outage costs at most one attempt per backoff."""
+        self._broker_backoff = min(5.0, max(0.25, self._broker_backoff * 2))
+        self._retry_broker_at = time.monotonic() + self._broker_backoff
+        log.warning(
+            "broker unavailable, %d run(s) wait, next try in %.2fs: %s",
+            waiting,
+            self._broker_backoff,
+            exc,
+        )
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -78,6 +101,8 @@ class Dispatcher:
         """How long the loop may sleep: until the next due run or cron slot, at most one poll."""
         wait = self.settings.poll_interval_seconds
         now = datetime.now(UTC)
+        if self.broker_down():  # due runs wait for the broker, not for a busy loop
+            return min(wait, self._retry_broker_at - time.monotonic())
         for name in ("next_pending_at", "next_fire_at"):
             at = self.store.scalar_time(name)
             if at is not None:

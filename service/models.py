@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -72,6 +72,22 @@ Seconds = Annotated[int, msgspec.Meta(ge=0, le=7 * 24 * 3600)]
 EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
 
 
+EMAIL_PATTERN = r"^[^@\s<>,;]+@[^@\s<>,;]+$"
+NotifyEvent = Literal["failure", "success", "recovery"]
+
+
+class NotifyRule(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Who to tell when a run of the task ends (service/notify.py delivers it)."""
+
+    on: Annotated[list[NotifyEvent], msgspec.Meta(max_length=3)] = []
+    after_failures: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
+    webhook: Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)] | None = None
+    email: Annotated[
+        list[Annotated[str, msgspec.Meta(pattern=EMAIL_PATTERN, max_length=254)]],
+        msgspec.Meta(max_length=20),
+    ] = []
+
+
 class TaskFields(msgspec.Struct, kw_only=True, frozen=True):
     """The fields every task has, whatever its executor."""
 
@@ -94,6 +110,9 @@ class TaskFields(msgspec.Struct, kw_only=True, frozen=True):
     overlap_policy: OverlapPolicy = OverlapPolicy.ALLOW
     queue: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,50}$")] = "default"
     env: dict[EnvName, Annotated[str, msgspec.Meta(max_length=32768)]] = {}
+    notify: NotifyRule = msgspec.field(default_factory=NotifyRule)
+    # artifacts of the newest N runs are kept (the latest successful report always); None: all
+    keep_last: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
 
 
 COMMON_FIELDS = frozenset(TaskFields.__struct_fields__)
@@ -172,6 +191,14 @@ def validate_common(fields: TaskFields) -> None:
         check_schedule(fields.schedule)
     if fields.name in fields.depends_on:
         raise ValidationError("a task cannot depend on itself", field="depends_on")
+    check_notify(fields.notify)
+
+
+def check_notify(rule: NotifyRule) -> None:
+    """A rule that asks for notifications must name somewhere to send them."""
+    wants = bool(rule.on) or rule.after_failures is not None
+    if wants and not (rule.webhook or rule.email):
+        raise ValidationError("notify needs a webhook or an email to send to", field="notify")
 
 
 class Task(msgspec.Struct, kw_only=True, frozen=True):
@@ -199,10 +226,12 @@ class Task(msgspec.Struct, kw_only=True, frozen=True):
     next_fire_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    notify: dict[str, Any] = {}
+    keep_last: int | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Task:
-        return cls(**{k: row[k] for k in cls.__struct_fields__})
+        return cls(**{k: row[k] for k in cls.__struct_fields__ if k in row})
 
     def flat(self) -> dict[str, Any]:
         """The task as users write it: executor fields next to the common ones."""

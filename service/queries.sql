@@ -4,11 +4,12 @@
 -- name: insert_task
 INSERT INTO tasks (name, executor, spec, description, tags, schedule, timezone, enabled,
                    timeout_seconds, max_retries, retry_delay_seconds, depends_on, misfire_policy,
-                   misfire_grace_seconds, max_catchup, overlap_policy, queue, env, next_fire_at)
+                   misfire_grace_seconds, max_catchup, overlap_policy, queue, env, next_fire_at,
+                   notify, keep_last)
 VALUES (%(name)s, %(executor)s, %(spec)s, %(description)s, %(tags)s, %(schedule)s, %(timezone)s,
         %(enabled)s, %(timeout_seconds)s, %(max_retries)s, %(retry_delay_seconds)s, %(depends_on)s,
         %(misfire_policy)s, %(misfire_grace_seconds)s, %(max_catchup)s, %(overlap_policy)s,
-        %(queue)s, %(env)s, %(next_fire_at)s)
+        %(queue)s, %(env)s, %(next_fire_at)s, %(notify)s, %(keep_last)s)
 RETURNING *;
 
 -- name: update_task
@@ -19,7 +20,8 @@ UPDATE tasks SET name = %(name)s, executor = %(executor)s, spec = %(spec)s,
        depends_on = %(depends_on)s, misfire_policy = %(misfire_policy)s,
        misfire_grace_seconds = %(misfire_grace_seconds)s, max_catchup = %(max_catchup)s,
        overlap_policy = %(overlap_policy)s, queue = %(queue)s, env = %(env)s,
-       next_fire_at = %(next_fire_at)s, updated_at = now()
+       next_fire_at = %(next_fire_at)s, notify = %(notify)s, keep_last = %(keep_last)s,
+       updated_at = now()
 WHERE id = %(id)s
 RETURNING *;
 
@@ -147,7 +149,10 @@ UPDATE runs r SET status = 'running', started_at = now(), heartbeat_at = now(),
 FROM tasks t
 WHERE r.id = %(id)s AND r.status = 'queued' AND t.id = r.task_id
 RETURNING r.id, r.task_id, r.attempt, r.parameters, t.name AS task_name, t.executor, t.spec,
-          t.env, t.timeout_seconds, t.max_retries, t.retry_delay_seconds, r.cancel_requested;
+          t.env, t.timeout_seconds, t.max_retries, t.retry_delay_seconds, r.cancel_requested,
+          -- what the worker needs to know up front, so the common run costs two statements
+          EXISTS (SELECT 1 FROM task_secrets s WHERE s.task_id = t.id) AS has_secrets,
+          EXISTS (SELECT 1 FROM tasks d WHERE d.depends_on @> ARRAY[t.name]) AS has_dependents;
 
 -- name: finish_run
 UPDATE runs r SET status = %(status)s, finished_at = now(), exit_code = %(exit_code)s,
@@ -260,25 +265,36 @@ SELECT 1 AS ok;
 
 -- name: dashboard_runs_per_hour
 SELECT date_trunc('hour', r.queued_at) AS hour, r.status, count(*) AS n
-FROM runs r JOIN tasks t ON t.id = r.task_id
+FROM runs r
 WHERE r.queued_at >= %(since)s
-  AND (%(task)s::text IS NULL OR t.name = %(task)s)
   AND (%(status)s::text IS NULL OR r.status = %(status)s)
-  AND (%(tag)s::text IS NULL OR %(tag)s = ANY(t.tags))
+  AND ((%(task)s::text IS NULL AND %(tag)s::text IS NULL) OR r.task_id IN (
+        SELECT id FROM tasks
+        WHERE (%(task)s::text IS NULL OR name = %(task)s)
+          AND (%(tag)s::text IS NULL OR %(tag)s = ANY(tags))))
 GROUP BY 1, 2
 ORDER BY 1, 2;
 
 -- name: dashboard_duration_percentiles
-SELECT t.name AS task, count(*) AS runs,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM r.finished_at - r.started_at)::float8) AS p50,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM r.finished_at - r.started_at)::float8) AS p95
-FROM runs r JOIN tasks t ON t.id = r.task_id
-WHERE r.queued_at >= %(since)s AND r.started_at IS NOT NULL AND r.finished_at IS NOT NULL
-  AND (%(task)s::text IS NULL OR t.name = %(task)s)
-  AND (%(status)s::text IS NULL OR r.status = %(status)s)
-  AND (%(tag)s::text IS NULL OR %(tag)s = ANY(t.tags))
-GROUP BY t.name
-ORDER BY p95 DESC, t.name
+-- Aggregated per task id first, so the sort works on integers and names are joined for 20 rows.
+SELECT t.name AS task, d.runs, d.p50, d.p95
+FROM (
+    SELECT r.task_id, count(*) AS runs,
+           extract(epoch FROM percentile_cont(0.5)
+               WITHIN GROUP (ORDER BY r.finished_at - r.started_at))::float8 AS p50,
+           extract(epoch FROM percentile_cont(0.95)
+               WITHIN GROUP (ORDER BY r.finished_at - r.started_at))::float8 AS p95
+    FROM runs r
+    WHERE r.queued_at >= %(since)s AND r.started_at IS NOT NULL AND r.finished_at IS NOT NULL
+      AND (%(status)s::text IS NULL OR r.status = %(status)s)
+      AND ((%(task)s::text IS NULL AND %(tag)s::text IS NULL) OR r.task_id IN (
+            SELECT id FROM tasks
+            WHERE (%(task)s::text IS NULL OR name = %(task)s)
+              AND (%(tag)s::text IS NULL OR %(tag)s = ANY(tags))))
+    GROUP BY r.task_id
+) d
+JOIN tasks t ON t.id = d.task_id
+ORDER BY d.p95 DESC, t.name
 LIMIT %(limit)s;
 
 -- name: dashboard_running_now
@@ -296,11 +312,16 @@ SELECT count(*) AS queued, count(*) FILTER (WHERE not_before <= now()) AS due
 FROM runs WHERE status = 'queued';
 
 -- name: dashboard_tasks
-SELECT id, name, executor, schedule, timezone, enabled, tags, next_fire_at
-FROM tasks
-WHERE (%(task)s::text IS NULL OR name = %(task)s)
-  AND (%(tag)s::text IS NULL OR %(tag)s = ANY(tags))
-ORDER BY name
+-- Tasks with their latest run (one index probe per task on runs_task_idx).
+SELECT t.id, t.name, t.executor, t.schedule, t.timezone, t.enabled, t.tags, t.next_fire_at,
+       last.id AS last_run_id, last.status AS last_status, last.queued_at AS last_queued_at
+FROM tasks t
+LEFT JOIN LATERAL (
+    SELECT r.id, r.status, r.queued_at FROM runs r WHERE r.task_id = t.id ORDER BY r.id DESC LIMIT 1
+) last ON true
+WHERE (%(task)s::text IS NULL OR t.name = %(task)s)
+  AND (%(tag)s::text IS NULL OR %(tag)s = ANY(t.tags))
+ORDER BY t.name
 LIMIT %(limit)s;
 
 -- name: dashboard_tags
@@ -329,3 +350,202 @@ SELECT name, content_type, size, created_at FROM artifacts WHERE run_id = %(run_
 
 -- name: dashboard_artifact
 SELECT name, content_type, data FROM artifacts WHERE run_id = %(run_id)s AND name = %(name)s;
+
+-- artifacts
+
+-- name: upsert_artifact
+INSERT INTO artifacts (run_id, name, content_type, size, data)
+VALUES (%(run_id)s, %(name)s, %(content_type)s, %(size)s, %(data)s)
+ON CONFLICT (run_id, name) DO UPDATE
+SET content_type = excluded.content_type, size = excluded.size, data = excluded.data,
+    created_at = now();
+
+-- name: list_artifacts
+SELECT name, content_type, size, created_at FROM artifacts
+WHERE run_id = %(run_id)s ORDER BY name;
+
+-- name: get_artifact
+SELECT name, content_type, size, created_at, data FROM artifacts
+WHERE run_id = %(run_id)s AND name = %(name)s;
+
+-- observability
+-- Metrics, health, stats, notifications and trace context (service/metrics.py, service/notify.py,
+-- service/api/system.py). Run counters live in run_metrics, kept by a trigger (0002).
+
+-- name: metrics_run_counters
+SELECT metric, executor, label, bucket, sum(n)::bigint AS n, sum(total)::float8 AS total
+FROM run_metrics GROUP BY metric, executor, label, bucket ORDER BY 1, 2, 3, 4;
+
+-- name: metrics_bounds
+SELECT nbcron_metric_bounds() AS bounds;
+
+-- name: metrics_queue_depth
+SELECT queue, count(*) AS queued, count(*) FILTER (WHERE not_before <= now()) AS due,
+       coalesce(extract(epoch FROM now() - min(not_before) FILTER (WHERE not_before <= now())),
+                0)::float8 AS oldest_due_seconds
+FROM runs WHERE status = 'queued' GROUP BY queue ORDER BY queue;
+
+-- name: metrics_running
+SELECT t.executor, count(*) AS n
+FROM runs r JOIN tasks t ON t.id = r.task_id
+WHERE r.status = 'running' GROUP BY t.executor ORDER BY 1;
+
+-- name: metrics_workers
+SELECT count(*) AS alive, coalesce(sum(threads), 0)::bigint AS threads,
+       coalesce(sum(running), 0)::bigint AS busy, coalesce(sum(kernels), 0)::bigint AS kernels
+FROM workers
+WHERE stopped_at IS NULL AND last_heartbeat > now() - make_interval(secs => %(timeout)s);
+
+-- name: metrics_dispatchers
+SELECT count(*) FILTER (WHERE last_heartbeat > now() - make_interval(secs => %(timeout)s)) AS alive,
+       extract(epoch FROM now() - max(last_heartbeat))::float8 AS last_heartbeat_age
+FROM dispatchers;
+
+-- name: metrics_notifications_pending
+SELECT channel, count(*) AS n FROM notifications WHERE status = 'pending' GROUP BY 1 ORDER BY 1;
+
+-- name: count_metric
+SELECT nbcron_count(%(metric)s, %(executor)s, %(label)s, NULL);
+
+-- name: report_kernels
+UPDATE workers SET kernels = %(kernels)s WHERE name = %(name)s;
+
+-- name: stats_tasks
+SELECT count(*) AS total, count(*) FILTER (WHERE enabled) AS enabled,
+       count(*) FILTER (WHERE schedule IS NOT NULL) AS scheduled
+FROM tasks;
+
+-- name: stats_runs
+-- Runs queued in the last day, by status, with the last hour's share.
+SELECT status, count(*) FILTER (WHERE queued_at >= now() - interval '1 hour') AS last_hour,
+       count(*) AS last_day
+FROM runs WHERE queued_at >= now() - interval '1 day'
+GROUP BY status ORDER BY status;
+
+-- name: stats_workers
+SELECT count(*) AS registered,
+       count(*) FILTER (WHERE stopped_at IS NULL
+                        AND last_heartbeat > now() - make_interval(secs => %(timeout)s)) AS alive
+FROM workers;
+
+-- name: claim_notifications
+-- Take due deliveries; the lease (next_attempt_at) hands a row to another notifier if this one dies.
+UPDATE notifications n SET attempts = n.attempts + 1,
+       next_attempt_at = now() + make_interval(secs => %(lease)s)
+WHERE n.id IN (
+    SELECT id FROM notifications
+    WHERE status = 'pending' AND next_attempt_at <= now()
+    ORDER BY next_attempt_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING n.id, n.run_id, n.channel, n.attempts;
+
+-- name: notification_context
+-- The run, its task's rule, and what the rule needs: was it retried, the previous final outcome,
+-- and the run of final failures ending here (an attempt followed by a retry is not final).
+SELECT r.id, r.task_id, r.status, r.attempt, r.trigger, r.exit_code, r.error, r.reason,
+       r.started_at, r.finished_at, r.worker, t.name AS task_name, t.executor, t.notify,
+       EXISTS (SELECT 1 FROM runs x WHERE x.retry_of = r.id) AS retried,
+       EXISTS (SELECT 1 FROM artifacts a WHERE a.run_id = r.id AND a.name = 'report.html')
+           AS has_report,
+       (SELECT p.status FROM runs p
+        WHERE p.task_id = r.task_id AND p.id < r.id
+          AND p.status IN ('succeeded', 'failed', 'timed_out')
+          AND NOT EXISTS (SELECT 1 FROM runs x WHERE x.retry_of = p.id)
+        ORDER BY p.id DESC LIMIT 1) AS previous_status,
+       (SELECT count(*) FROM (
+            SELECT 1 FROM runs p
+            WHERE p.task_id = r.task_id AND p.id <= r.id AND p.status IN ('failed', 'timed_out')
+              AND NOT EXISTS (SELECT 1 FROM runs x WHERE x.retry_of = p.id)
+              AND p.id > coalesce((SELECT max(s.id) FROM runs s WHERE s.task_id = r.task_id
+                                   AND s.id < r.id AND s.status = 'succeeded'), 0)
+            LIMIT 10000) f) AS streak
+FROM runs r JOIN tasks t ON t.id = r.task_id
+WHERE r.id = %(run_id)s;
+
+-- name: log_tail_chunks
+SELECT data FROM run_logs WHERE run_id = %(run_id)s ORDER BY seq DESC LIMIT %(chunks)s;
+
+-- name: notification_done
+UPDATE notifications SET status = %(status)s, event = %(event)s, last_error = %(error)s,
+       finished_at = now()
+WHERE id = %(id)s AND status = 'pending';
+
+-- name: notification_retry
+UPDATE notifications SET last_error = %(error)s, event = %(event)s,
+       next_attempt_at = now() + make_interval(secs => %(delay)s)
+WHERE id = %(id)s AND status = 'pending';
+
+-- name: notifications_of_run
+SELECT id, channel, status, event, attempts, last_error FROM notifications
+WHERE run_id = %(run_id)s ORDER BY channel;
+
+-- name: set_traceparent
+SELECT set_config('nbcron.traceparent', %(traceparent)s, true);
+
+-- name: run_traceparents
+SELECT id, task_id, traceparent FROM runs WHERE id = ANY(%(ids)s);
+
+-- name: adopt_traceparent
+UPDATE runs SET traceparent = %(traceparent)s WHERE id = %(id)s AND traceparent IS NULL;
+
+-- security
+-- API keys behind JWTs, the audit log for admins, and task secrets (sealed values, never shown).
+
+-- name: get_api_key_by_id
+SELECT * FROM api_keys WHERE id = %(id)s;
+
+-- name: list_audit
+SELECT id, at, actor, action, object_type, object_id, remote, detail FROM audit_log
+WHERE (%(cursor)s::bigint IS NULL OR id < %(cursor)s)
+  AND (%(actor)s::text IS NULL OR actor = %(actor)s)
+  AND (%(action)s::text IS NULL OR action = %(action)s)
+  AND (%(object_type)s::text IS NULL OR object_type = %(object_type)s)
+  AND (%(object_id)s::text IS NULL OR object_id = %(object_id)s)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: put_task_secret
+INSERT INTO task_secrets (task_id, name, value) VALUES (%(task_id)s, %(name)s, %(value)s)
+ON CONFLICT (task_id, name) DO UPDATE SET value = excluded.value, updated_at = now();
+
+-- name: delete_task_secrets
+DELETE FROM task_secrets WHERE task_id = %(task_id)s AND name = ANY(%(names)s);
+
+-- name: task_secret_names
+SELECT task_id, name FROM task_secrets WHERE task_id = ANY(%(task_ids)s) ORDER BY task_id, name;
+
+-- name: task_secrets
+SELECT name, value FROM task_secrets WHERE task_id = %(task_id)s ORDER BY name;
+
+-- reports
+-- A notebook task's latest successful HTML report (GET /api/tasks/{id}/report) and the pruning of
+-- old artifacts by the task's keep_last (service/worker.py after each run).
+
+-- name: latest_task_report
+SELECT r.id AS run_id, a.content_type, a.size, a.created_at, a.data
+FROM runs r JOIN artifacts a ON a.run_id = r.id AND a.name = 'report.html'
+WHERE r.task_id = %(task_id)s AND r.status = 'succeeded'
+ORDER BY r.id DESC
+LIMIT 1;
+
+-- name: prune_artifacts
+-- Delete the artifacts of the run's task beyond its keep_last newest runs that have any, sparing
+-- the latest successful report so the task's report link keeps working. No keep_last: no-op.
+WITH task AS (
+    SELECT t.id, t.keep_last FROM runs r JOIN tasks t ON t.id = r.task_id
+    WHERE r.id = %(run_id)s AND t.keep_last IS NOT NULL
+), holders AS (
+    SELECT DISTINCT a.run_id FROM artifacts a JOIN runs r ON r.id = a.run_id
+    WHERE r.task_id = (SELECT id FROM task)
+), kept AS (
+    (SELECT run_id FROM holders ORDER BY run_id DESC LIMIT (SELECT keep_last FROM task))
+    UNION
+    (SELECT r.id FROM runs r JOIN artifacts a ON a.run_id = r.id AND a.name = 'report.html'
+     WHERE r.task_id = (SELECT id FROM task) AND r.status = 'succeeded'
+     ORDER BY r.id DESC LIMIT 1)
+)
+DELETE FROM artifacts
+WHERE run_id IN (SELECT run_id FROM holders) AND run_id NOT IN (SELECT run_id FROM kept)
+RETURNING run_id, name;

@@ -30,7 +30,7 @@ class Planner(Protocol):
 
 
 _BLOCK_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
-_JSON_FIELDS = ("spec", "env", "parameters", "detail")
+_JSON_FIELDS = ("spec", "env", "parameters", "detail", "notify")
 DEPENDENCY_LOCK = 0x6E62_6372_6F6E  # advisory lock id serialising dependency-graph writes
 
 
@@ -74,6 +74,8 @@ def _translated() -> Iterator[None]:
         raise ConflictError(_constraint_detail(exc)) from exc
     except (pg_errors.CheckViolation, pg_errors.NotNullViolation) as exc:
         raise ValidationError(_constraint_detail(exc)) from exc
+    except psycopg.DataError as exc:  # a value Postgres cannot hold: NUL in text, out of range
+        raise ValidationError(f"invalid value: {exc.diag.message_primary or exc}") from exc
     except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
         raise UnavailableError("the database is not reachable right now; try again") from exc
 
@@ -118,11 +120,10 @@ class Store:
             url,
             min_size=min_size,
             max_size=max_size,
-            kwargs={"row_factory": dict_row, "autocommit": False},
+            kwargs={"row_factory": dict_row, "autocommit": True},
             open=False,
             timeout=10.0,
             reconnect_timeout=0,
-            check=ConnectionPool.check_connection,
         )
 
     def open(self, *, wait: bool = True) -> Store:
@@ -139,6 +140,12 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @contextmanager
+    def auto(self) -> Iterator[Tx]:
+        """Single statements, each its own implicit transaction: no BEGIN/COMMIT round trips."""
+        with _translated(), self.pool.connection() as conn:
+            yield Tx(conn)
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
@@ -187,7 +194,7 @@ class Store:
     def get_task(self, ref: str | int) -> Task:
         """A task by numeric id or by name."""
         text = str(ref)
-        with self.tx() as tx:
+        with self.auto() as tx:
             if text.isdigit():
                 row = tx.one("get_task_by_id", id=int(text))
             else:
@@ -198,12 +205,12 @@ class Store:
 
     def list_tasks(self, *, limit: int, cursor: int | None = None, **filters: Any) -> list[Task]:
         params = {"enabled": None, "executor": None, "tag": None, "q": None} | filters
-        with self.tx() as tx:
+        with self.auto() as tx:
             rows = tx.all("list_tasks", limit=limit, cursor=cursor, **params)
         return [Task.from_row(r) for r in rows]
 
     def delete_task(self, task_id: int) -> None:
-        with self.tx() as tx:
+        with self.auto() as tx:
             if tx.one("delete_task", id=task_id) is None:
                 raise NotFoundError(f"task {task_id} not found")
 
@@ -216,8 +223,10 @@ class Store:
         trigger: str,
         parameters: dict[str, Any],
         idempotency_key: str | None = None,
+        audit: dict[str, Any] | None = None,
     ) -> tuple[Run, bool]:
-        """Queue a run; with an idempotency key the same key returns the same run (created=False)."""
+        """Queue a run (and its audit row, in the same transaction); the same idempotency key
+        returns the same run with created=False."""
         with self.tx() as tx:
             row = tx.one(
                 "insert_run",
@@ -236,11 +245,14 @@ class Store:
                 row = tx.one(
                     "get_run_by_idempotency_key", task_id=task.id, idempotency_key=idempotency_key
                 )
+            elif audit is not None:
+                detail = {**audit.get("detail", {}), "run_id": row["id"]}
+                tx.run("insert_audit", **(audit | {"detail": detail}))
         assert row is not None
         return Run.from_row(row | {"task_name": task.name}), created
 
     def get_run(self, run_id: int) -> Run:
-        with self.tx() as tx:
+        with self.auto() as tx:
             row = tx.one("get_run", id=run_id)
         if row is None:
             raise NotFoundError(f"run {run_id} not found")
@@ -254,7 +266,7 @@ class Store:
         task_id: int | None = None,
         status: str | None = None,
     ) -> list[Run]:
-        with self.tx() as tx:
+        with self.auto() as tx:
             rows = tx.all("list_runs", limit=limit, cursor=cursor, task_id=task_id, status=status)
         return [Run.from_row(r) for r in rows]
 
@@ -270,7 +282,7 @@ class Store:
         return self.get_run(run_id)
 
     def get_logs(self, run_id: int, *, offset: int = 0) -> list[dict[str, Any]]:
-        with self.tx() as tx:
+        with self.auto() as tx:
             return tx.all("get_logs", run_id=run_id, offset=offset)
 
     # -- dispatch and execution ------------------------------------------
@@ -321,24 +333,24 @@ class Store:
         return queued
 
     def claim_dispatch(self, *, limit: int, redispatch_after: float) -> list[dict[str, Any]]:
-        with self.tx() as tx:
+        with self.auto() as tx:
             return tx.all("claim_dispatch", limit=limit, redispatch_after=redispatch_after)
 
     def undo_dispatch(self, ids: list[int]) -> None:
-        with self.tx() as tx:
+        with self.auto() as tx:
             tx.run("undo_dispatch", ids=ids)
 
     def dispatcher_heartbeat(self, name: str) -> None:
-        with self.tx() as tx:
+        with self.auto() as tx:
             tx.run("dispatcher_heartbeat", name=name)
 
     def scalar_time(self, name: str) -> datetime | None:
-        with self.tx() as tx:
+        with self.auto() as tx:
             row = tx.one(name)
         return row["at"] if row else None
 
     def claim_run(self, run_id: int, *, worker: str) -> dict[str, Any] | None:
-        with self.tx() as tx:
+        with self.auto() as tx:
             return tx.one("claim_run", id=run_id, worker=worker)
 
     def finish_run(
@@ -349,10 +361,16 @@ class Store:
         exit_code: int | None,
         error: str | None,
         retry_delay: float | None,
+        has_dependents: bool = True,
     ) -> dict[str, Any] | None:
-        """Record the final status and, in the same transaction, queue the next attempt."""
+        """Record the final status and, in the same transaction, queue the next attempt or
+        release/miss dependents; with neither to do it is one statement."""
+        params = {"id": run_id, "status": status, "exit_code": exit_code, "error": error}
+        if retry_delay is None and not has_dependents:
+            with self.auto() as tx:
+                return tx.one("finish_run", **params)
         with self.tx() as tx:
-            row = tx.one("finish_run", id=run_id, status=status, exit_code=exit_code, error=error)
+            row = tx.one("finish_run", **params)
             if row is not None:
                 self._follow_up(tx, row, status=status, retry_delay=retry_delay)
         return row
@@ -418,7 +436,7 @@ class Store:
             tx.run("add_log_bytes", id=run_id, n=len(data.encode()))
 
     def cancel_flags(self, ids: list[int]) -> set[int]:
-        with self.tx() as tx:
+        with self.auto() as tx:
             return {r["id"] for r in tx.all("cancel_flags", ids=ids)}
 
     def heartbeat_worker(
@@ -445,42 +463,42 @@ class Store:
                 tx.run("heartbeat_runs", ids=running)
 
     def stop_worker(self, name: str) -> None:
-        with self.tx() as tx:
+        with self.auto() as tx:
             tx.run("stop_worker", name=name)
 
     def list_workers(self, *, timeout: float) -> list[dict[str, Any]]:
-        with self.tx() as tx:
+        with self.auto() as tx:
             return tx.all("list_workers", timeout=timeout)
 
     # -- keys and audit ---------------------------------------------------
 
     def insert_api_key(self, *, name: str, role: str, prefix: str, key_hash: str) -> ApiKey:
-        with self.tx() as tx:
+        with self.auto() as tx:
             row = tx.one("insert_api_key", name=name, role=role, prefix=prefix, key_hash=key_hash)
         assert row is not None
         return ApiKey.from_row(row)
 
     def key_by_prefix(self, prefix: str) -> dict[str, Any] | None:
-        with self.tx() as tx:
+        with self.auto() as tx:
             return tx.one("get_api_key_by_prefix", prefix=prefix)
 
     def touch_key(self, key_id: int) -> None:
-        with self.tx() as tx:
+        with self.auto() as tx:
             tx.run("touch_api_key", id=key_id)
 
     def list_api_keys(self) -> list[ApiKey]:
-        with self.tx() as tx:
+        with self.auto() as tx:
             return [ApiKey.from_row(r) for r in tx.all("list_api_keys")]
 
     def revoke_api_key(self, key_id: int) -> ApiKey:
-        with self.tx() as tx:
+        with self.auto() as tx:
             row = tx.one("revoke_api_key", id=key_id)
         if row is None:
             raise NotFoundError(f"api key {key_id} not found")
         return ApiKey.from_row(row)
 
     def count_admin_keys(self) -> int:
-        with self.tx() as tx:
+        with self.auto() as tx:
             row = tx.one("count_admin_keys")
         return int(row["n"]) if row else 0
 
@@ -494,7 +512,7 @@ class Store:
         remote: str | None,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        with self.tx() as tx:
+        with self.auto() as tx:
             tx.run(
                 "insert_audit",
                 actor=actor,
@@ -506,7 +524,7 @@ class Store:
             )
 
     def ping(self) -> bool:
-        with self.tx() as tx:
+        with self.auto() as tx:
             return tx.one("ping") is not None
 
     # -- dashboard reads ----------------------------------------------------
@@ -516,7 +534,172 @@ class Store:
         if not query.startswith("dashboard_"):
             raise ValueError(f"{query!r} is not a dashboard query")
         with self.tx() as tx:
+            # Window aggregates sort ~10^5 rows; keep those sorts in memory, for this query only.
+            tx.conn.execute("SET LOCAL work_mem = '64MB'")
             return tx.all(query, **params)
+
+    # -- artifacts and notebooks ----------------------------------------
+
+    def add_artifact(self, run_id: int, name: str, content_type: str, data: bytes) -> None:
+        """Store (or replace) one artifact of a run, bytes in Postgres."""
+        with self.tx() as tx:
+            tx.run(
+                "upsert_artifact",
+                run_id=run_id,
+                name=name,
+                content_type=content_type,
+                size=len(data),
+                data=data,
+            )
+
+    def list_artifacts(self, run_id: int) -> list[dict[str, Any]]:
+        """A run's artifacts without their bytes; NotFoundError when the run does not exist."""
+        with self.tx() as tx:
+            if tx.one("get_run", id=run_id) is None:
+                raise NotFoundError(f"run {run_id} not found")
+            return tx.all("list_artifacts", run_id=run_id)
+
+    def get_artifact(self, run_id: int, name: str) -> dict[str, Any]:
+        """One artifact with its bytes; NotFoundError when the run or the artifact is missing."""
+        with self.tx() as tx:
+            row = tx.one("get_artifact", run_id=run_id, name=name)
+        if row is None:
+            raise NotFoundError(f"run {run_id} has no artifact {name!r}")
+        return row
+
+    # -- observability -------------------------------------------------------
+
+    def metrics_snapshot(self, *, timeout: float) -> dict[str, Any]:
+        """Everything /metrics reads from Postgres, in one transaction."""
+        with self.tx() as tx:
+            bounds = tx.one("metrics_bounds")
+            return {
+                "bounds": list(bounds["bounds"]) if bounds else [],
+                "counters": tx.all("metrics_run_counters"),
+                "queues": tx.all("metrics_queue_depth"),
+                "running": tx.all("metrics_running"),
+                "workers": tx.one("metrics_workers", timeout=timeout) or {},
+                "dispatchers": tx.one("metrics_dispatchers", timeout=timeout) or {},
+                "notifications_pending": tx.all("metrics_notifications_pending"),
+            }
+
+    def health_probe(self, *, timeout: float, wait: float) -> dict[str, Any]:
+        """Dispatcher and worker liveness in one round trip; waits at most `wait` for a connection."""
+        with _translated(), self.pool.connection(timeout=wait) as conn, conn.transaction():
+            tx = Tx(conn)
+            return {
+                "workers": tx.one("metrics_workers", timeout=timeout) or {},
+                "dispatchers": tx.one("metrics_dispatchers", timeout=timeout) or {},
+            }
+
+    def system_stats(self, *, timeout: float) -> dict[str, Any]:
+        """Counts for /api/system/stats."""
+        with self.tx() as tx:
+            return {
+                "tasks": tx.one("stats_tasks") or {},
+                "runs": tx.all("stats_runs"),
+                "workers": tx.one("stats_workers", timeout=timeout) or {},
+                "queues": tx.all("metrics_queue_depth"),
+            }
+
+    def report_kernels(self, name: str, kernels: int) -> None:
+        with self.tx() as tx:
+            tx.run("report_kernels", name=name, kernels=kernels)
+
+    def claim_notifications(self, *, limit: int, lease: float) -> list[dict[str, Any]]:
+        with self.tx() as tx:
+            return tx.all("claim_notifications", limit=limit, lease=lease)
+
+    def notification_context(self, run_id: int, *, log_chunks: int = 4) -> dict[str, Any] | None:
+        """The finished run a notification is about, its task's rule and its last log chunks."""
+        with self.tx() as tx:
+            row = tx.one("notification_context", run_id=run_id)
+            if row is not None:
+                chunks = tx.all("log_tail_chunks", run_id=run_id, chunks=log_chunks)
+                row["log"] = "".join(c["data"] for c in reversed(chunks))
+        return row
+
+    def finish_notification(
+        self, note_id: int, *, channel: str, status: str, event: str | None, error: str | None
+    ) -> None:
+        """Mark a delivery sent, skipped or failed for good, and count it."""
+        with self.tx() as tx:
+            if tx.run("notification_done", id=note_id, status=status, event=event, error=error):
+                tx.one("count_metric", metric="notification", executor=channel, label=status)
+
+    def retry_notification(
+        self, note_id: int, *, delay: float, event: str | None, error: str
+    ) -> None:
+        with self.tx() as tx:
+            tx.run("notification_retry", id=note_id, delay=delay, event=event, error=error)
+
+    def notifications_of_run(self, run_id: int) -> list[dict[str, Any]]:
+        with self.tx() as tx:
+            return tx.all("notifications_of_run", run_id=run_id)
+
+    def run_traceparents(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """Runs' ids, task ids and trace context, by id."""
+        with self.tx() as tx:
+            return {r["id"]: r for r in tx.all("run_traceparents", ids=ids)}
+
+    def adopt_traceparent(self, run_id: int, traceparent: str) -> None:
+        """Give a run that has no trace (a cron slot, a retry) the dispatcher's trace."""
+        with self.tx() as tx:
+            tx.run("adopt_traceparent", id=run_id, traceparent=traceparent)
+
+    # -- security ------------------------------------------------------------
+
+    def key_by_id(self, key_id: int) -> dict[str, Any] | None:
+        """The api_keys row behind a JWT (revoked or not)."""
+        with self.tx() as tx:
+            return tx.one("get_api_key_by_id", id=key_id)
+
+    def list_audit(
+        self, *, limit: int, cursor: int | None = None, **filters: str | None
+    ) -> list[dict[str, Any]]:
+        """Audit entries, newest first, filtered by actor, action, object_type, object_id."""
+        params = dict.fromkeys(("actor", "action", "object_type", "object_id")) | filters
+        with self.tx() as tx:
+            return tx.all("list_audit", limit=limit, cursor=cursor, **params)
+
+    def put_task_secrets(
+        self, task_id: int, *, sealed: dict[str, bytes], removed: list[str]
+    ) -> None:
+        """Store sealed secret values of a task and delete the `removed` names, in one go."""
+        with self.tx() as tx:
+            for name, value in sealed.items():
+                tx.run("put_task_secret", task_id=task_id, name=name, value=value)
+            if removed:
+                tx.run("delete_task_secrets", task_id=task_id, names=removed)
+
+    def task_secret_names(self, task_ids: list[int]) -> dict[int, list[str]]:
+        """The secret names (never values) of each task."""
+        out: dict[int, list[str]] = {i: [] for i in task_ids}
+        if task_ids:
+            with self.tx() as tx:
+                for row in tx.all("task_secret_names", task_ids=task_ids):
+                    out[row["task_id"]].append(row["name"])
+        return out
+
+    def task_secrets(self, task_id: int) -> dict[str, bytes]:
+        """A task's sealed secret values (the worker opens them)."""
+        with self.tx() as tx:
+            return {r["name"]: bytes(r["value"]) for r in tx.all("task_secrets", task_id=task_id)}
+
+    # -- reports -------------------------------------------------------------
+
+    def latest_report(self, task_id: int) -> dict[str, Any]:
+        """The newest succeeded run's report.html of a task; NotFoundError when there is none."""
+        with self.tx() as tx:
+            row = tx.one("latest_task_report", task_id=task_id)
+        if row is None:
+            raise NotFoundError(f"task {task_id} has no successful run with an HTML report yet")
+        return row
+
+    def prune_artifacts(self, run_id: int) -> int:
+        """Apply the keep_last of the run's task; return how many artifacts were deleted."""
+        with self.tx() as tx:
+            return len(tx.all("prune_artifacts", run_id=run_id))
 
 
 def find_cycle(graph: dict[str, list[str]], start: str) -> list[str] | None:

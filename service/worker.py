@@ -12,31 +12,40 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import dramatiq
 from dramatiq.middleware import Middleware
 
 from executors import (
-    ExecutorConfig,
     Outcome,
     Result,
     RunContext,
     SpecError,
     UnknownExecutorError,
     get_executor,
+    start_executors,
+    stop_executors,
 )
 from service.broker import declare_execute_run, make_broker
 from service.config import Settings
-from service.errors import NbcronError
+from service.errors import NbcronError, UnavailableError
 from service.lifecycle import retry_delay
+from service.logging import run_context
+from service.metrics import kernel_pool_ready
+from service.notify import Notifier
+from service.secrets import Masker, SecretsError, load_task_secrets
 from service.store import Store
+from service.tasks import executor_config
+from service.tracing import annotate, run_span
 
 log = logging.getLogger("nbcron.worker")
 TRUNCATION_MARKER = "\n[nbcron] output truncated: the log reached its limit of {limit} bytes\n"
 SHUTDOWN_ERROR = "worker shut down during the run"
-_FINISH_RETRY_SECONDS = 60.0
+_DB_RETRY_SECONDS = 60.0
+_T = TypeVar("_T")
 
 
 class RunLog:
@@ -94,6 +103,8 @@ class ActiveRun:
     log: RunLog
     cancel: threading.Event = field(default_factory=threading.Event)
     shutdown: bool = False
+    mask: Masker = field(default_factory=Masker)  # the task's secret values, shown as ***
+    artifacts: int = 0  # stored so far; a run that stored some prunes by its task's keep_last
 
 
 class WorkerMonitor(Middleware):
@@ -119,6 +130,7 @@ class WorkerMonitor(Middleware):
             return list(self.active.values())
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        start_executors(executor_config(self.settings))  # e.g. warm the kernel pool
         self._beat()
         self._thread = threading.Thread(target=self._loop, name="nbcron-monitor", daemon=True)
         self._thread.start()
@@ -130,6 +142,7 @@ class WorkerMonitor(Middleware):
             run.cancel.set()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        stop_executors()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -171,6 +184,9 @@ class WorkerMonitor(Middleware):
                 threads=self.settings.worker_threads,
                 running=[r.run_id for r in self.snapshot()],
             )
+            kernels = kernel_pool_ready(getattr(self.settings, "kernel_pool_kernels", ()))
+            if kernels is not None:
+                self.store.report_kernels(self.name, kernels)
         except NbcronError as exc:
             log.warning("heartbeat failed: %s", exc)
 
@@ -182,24 +198,36 @@ class RunHandler:
 
     def __init__(self, store: Store, monitor: WorkerMonitor, settings: Settings) -> None:
         self.store, self.monitor, self.settings = store, monitor, settings
-        self.config = ExecutorConfig(
-            notebooks_dir=settings.notebooks_dir.resolve(), http_allowlist=settings.http_allowlist
-        )
+        self.config = executor_config(settings)
+        self.on_finished: Callable[[int], None] = lambda run_id: None  # wakes the notifier
 
     def __call__(self, run_id: int) -> None:
-        claim = self.store.claim_run(run_id, worker=self.monitor.name)
+        claim = self._claim(run_id)
         if claim is None:
             return  # already claimed, cancelled or gone: a duplicate delivery is a no-op
         run = ActiveRun(
             run_id=run_id, log=RunLog(self.store, run_id, max_bytes=self.settings.log_max_bytes)
         )
         self.monitor.track(run)
+        bound = run_context(run_id=run_id, task_id=claim["task_id"], worker=self.monitor.name)
         try:
-            result = self._execute(claim, run)
-            run.log.flush()
-            self._finish(claim, run, result)
+            with bound, run_span(self.store, claim):
+                result = self._execute(claim, run)
+                annotate(**{"nbcron.outcome": result.outcome.value})
+                run.log.flush()
+                self._finish(claim, run, result)
+                self._prune(run)
+                log.info("run %s %s", run_id, result.outcome.value)
         finally:
             self.monitor.untrack(run_id)
+            self.on_finished(run_id)
+
+    def _claim(self, run_id: int) -> dict[str, Any] | None:
+        """Claim the run; while Postgres is away keep trying (the claim is idempotent) rather
+        than drop the message and leave the run to the slow re-send."""
+        return _while_unavailable(
+            lambda: self.store.claim_run(run_id, worker=self.monitor.name), what=f"run {run_id}"
+        )
 
     def _execute(self, claim: dict[str, Any], run: ActiveRun) -> Result:
         try:
@@ -207,21 +235,49 @@ class RunHandler:
             spec = executor.parse_spec(claim["spec"])
         except (UnknownExecutorError, SpecError) as exc:
             return Result(outcome=Outcome.FAILED, error=f"cannot run this task: {exc}")
+        try:
+            secrets = (
+                load_task_secrets(self.store, self.settings, claim["task_id"])
+                if claim["has_secrets"]
+                else {}
+            )
+        except (SecretsError, NbcronError) as exc:  # the run still ends, failed, and may retry
+            return Result(outcome=Outcome.FAILED, error=f"cannot run this task: {exc.detail}")
+        run.mask = Masker(secrets.values())
+        sink = run.mask.stream(run.log.write)
         ctx = RunContext(
             run_id=run.run_id,
             task_name=claim["task_name"],
             parameters=claim["parameters"],
-            env=claim["env"],
+            env={**claim["env"], **secrets},
             timeout_seconds=claim["timeout_seconds"],
             cancel_event=run.cancel,
-            log=run.log.write,
-            add_artifact=lambda *a: None,
+            log=sink.write,
+            add_artifact=lambda n, t, d: self._add_artifact(run, n, t, d),
             config=self.config,
         )
-        return executor.run(spec, ctx)
+        try:
+            return executor.run(spec, ctx)
+        finally:
+            sink.close()  # release output held back while it might have been a secret's start
+
+    def _add_artifact(self, run: ActiveRun, name: str, content_type: str, data: bytes) -> None:
+        self.store.add_artifact(
+            run.run_id, name, content_type, run.mask.mask_bytes(content_type, data)
+        )
+        run.artifacts += 1
+
+    def _prune(self, run: ActiveRun) -> None:
+        """Drop old artifacts beyond the task's keep_last; the run's result is already saved."""
+        if not run.artifacts:
+            return
+        try:
+            self.store.prune_artifacts(run.run_id)
+        except NbcronError as exc:  # the next run of the task prunes again
+            log.warning("run %s: artifact pruning failed: %s", run.run_id, exc)
 
     def _finish(self, claim: dict[str, Any], run: ActiveRun, result: Result) -> None:
-        status, error = result.outcome.value, result.error
+        status, error = result.outcome.value, run.mask.mask_error(result.error)
         if run.shutdown and result.outcome is Outcome.CANCELLED:
             status, error = Outcome.FAILED.value, SHUTDOWN_ERROR
         delay = retry_delay(
@@ -230,24 +286,51 @@ class RunHandler:
             max_retries=claim["max_retries"],
             base=claim["retry_delay_seconds"],
         )
-        self._finish_with_retries(run.run_id, status, result.exit_code, error, delay)
+        self._finish_with_retries(
+            run.run_id, status, result.exit_code, error, delay, claim["has_dependents"]
+        )
 
     def _finish_with_retries(
-        self, run_id: int, status: str, code: int | None, error: str | None, delay: float | None
+        self,
+        run_id: int,
+        status: str,
+        code: int | None,
+        error: str | None,
+        delay: float | None,
+        has_dependents: bool,
     ) -> None:
         """Keep trying while Postgres is away; past the limit the reaper ends the run."""
-        deadline = time.monotonic() + _FINISH_RETRY_SECONDS
-        while True:
-            try:
-                self.store.finish_run(
-                    run_id, status=status, exit_code=code, error=error, retry_delay=delay
-                )
-                return
-            except NbcronError as exc:
-                if time.monotonic() > deadline:
-                    log.error("run %s: could not record its result: %s", run_id, exc)
-                    return
-                time.sleep(1.0)
+        _while_unavailable(
+            lambda: self.store.finish_run(
+                run_id,
+                status=status,
+                exit_code=code,
+                error=error,
+                retry_delay=delay,
+                has_dependents=has_dependents,
+            ),
+            what=f"run {run_id}'s result",
+            give_up=True,
+        )
+
+
+def _while_unavailable(call: Callable[[], _T], *, what: str, give_up: bool = False) -> _T | None:
+    """Retry `call` while the database is unreachable, for up to a minute.
+
+    Past that: None when `give_up` (the reaper ends the run later), else the error propagates
+    (the message is dropped and the dispatcher re-sends the run).
+    """
+    deadline = time.monotonic() + _DB_RETRY_SECONDS
+    while True:
+        try:
+            return call()
+        except UnavailableError as exc:
+            if time.monotonic() > deadline:
+                log.error("%s: database unavailable for %ss: %s", what, _DB_RETRY_SECONDS, exc)
+                if give_up:
+                    return None
+                raise
+            time.sleep(1.0)
 
 
 def worker_name(settings: Settings) -> str:
@@ -263,7 +346,10 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
     store = Store(require_database_url(settings), min_size=1, max_size=threads + 2).open()
     monitor = WorkerMonitor(store, settings, worker_name(settings))
     broker = make_broker(settings, extra=[monitor])
-    declare_execute_run(broker, RunHandler(store, monitor, settings), settings.worker_queues)
+    handler = RunHandler(store, monitor, settings)
+    notifier = Notifier(store, settings).start()
+    handler.on_finished = notifier.wake
+    declare_execute_run(broker, handler, settings.worker_queues)
     worker = dramatiq.Worker(
         broker,
         queues=set(settings.worker_queues),
@@ -277,6 +363,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
     log.info("worker %s consuming %s", monitor.name, ",".join(settings.worker_queues))
     stop.wait()
     worker.stop(timeout=30_000)
+    notifier.stop()
     broker.close()
     store.close()
 

@@ -55,6 +55,7 @@ def settings(database_url: str, namespace: str, tmp_path: Path) -> Settings:
         heartbeat_interval_seconds=1.0,
         heartbeat_timeout_seconds=6.0,
         poll_interval_seconds=0.5,
+        kernel_pool_size=0,  # only the notebook suite (its own stack) warms kernels
     )
 
 

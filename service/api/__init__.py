@@ -14,15 +14,29 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from service import __version__
+from service.api.artifacts import ArtifactController
+from service.api.audit import AuditController
+from service.api.auth_routes import AuthController
 from service.api.keys import KeyController
-from service.api.problems import EXCEPTION_HANDLERS
+from service.api.metrics_routes import ROUTES as METRICS_ROUTES
+from service.api.problems import EXCEPTION_HANDLERS, correct_allow_header, document_problems
+from service.api.reports import ReportController
 from service.api.runs import RunController
-from service.api.security import OPEN_PATHS, KeyAuthMiddleware
+from service.api.security import (
+    KeyAuthMiddleware,
+    add_safety_headers,
+    cors_config,
+    document_security,
+    open_paths,
+    security_state,
+)
 from service.api.system import SystemController, health
 from service.api.tasks import TaskController
 from service.bootstrap import require_database_url
 from service.config import Settings
+from service.metrics import ApiMetrics, RequestMetrics
 from service.store import Store
+from service.tracing import TracingMiddleware, store_class
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -37,7 +51,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         owned = store is None
-        app.state.store = store or Store(
+        app.state.store = store or store_class()(
             require_database_url(settings),
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
@@ -48,13 +62,32 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Litestar:
             if owned:
                 app.state.store.close()
 
+    metrics = ApiMetrics(heartbeat_timeout=settings.heartbeat_timeout_seconds)
     return Litestar(
-        route_handlers=[health, TaskController, RunController, KeyController, SystemController],
+        route_handlers=[
+            health,
+            TaskController,
+            RunController,
+            ArtifactController,
+            ReportController,
+            KeyController,
+            SystemController,
+            *METRICS_ROUTES,
+            AuthController,
+            AuditController,
+        ],
         dependencies={"store": Provide(_store, sync_to_thread=False)},
-        middleware=[DefineMiddleware(KeyAuthMiddleware, exclude=OPEN_PATHS)],
+        middleware=[
+            DefineMiddleware(RequestMetrics, metrics=metrics),
+            DefineMiddleware(TracingMiddleware),
+            DefineMiddleware(KeyAuthMiddleware, exclude=open_paths(settings)),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
-        state=State({"settings": settings}),
+        state=State({"settings": settings, "metrics": metrics, **security_state(settings)}),
+        cors_config=cors_config(settings),
+        before_send=[add_safety_headers, correct_allow_header],
+        on_startup=[document_security, document_problems],
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(
             title="nbcron",

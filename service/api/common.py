@@ -9,6 +9,20 @@ from litestar import Request
 from service.store import Store
 
 
+def audit_entry(
+    request: Request[Any, Any, Any], action: str, object_type: str, object_id: str, **detail: Any
+) -> dict[str, Any]:
+    """Who did what to which object, from where (for `Store.audit` or a store write's `audit`)."""
+    return {
+        "actor": getattr(request.user, "name", "?"),
+        "action": action,
+        "object_type": object_type,
+        "object_id": object_id,
+        "remote": request.client.host if request.client else None,
+        "detail": detail,
+    }
+
+
 def audit(
     request: Request[Any, Any, Any],
     store: Store,
@@ -18,11 +32,4 @@ def audit(
     **detail: Any,
 ) -> None:
     """Record who did what to which object, from where."""
-    store.audit(
-        actor=getattr(request.user, "name", "?"),
-        action=action,
-        object_type=object_type,
-        object_id=object_id,
-        remote=request.client.host if request.client else None,
-        detail=detail,
-    )
+    store.audit(**audit_entry(request, action, object_type, object_id, **detail))

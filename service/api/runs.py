@@ -6,8 +6,10 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, get, post
 from litestar.params import Parameter
+from litestar.response import ServerSentEvent
 
 from service.api.common import audit
+from service.api.log_stream import follow_response, resume_offset
 from service.api.security import CAN_OPERATE, CAN_READ
 from service.api.tasks import Cursor, Limit
 from service.models import Page, Run, RunStatus
@@ -58,8 +60,18 @@ class RunController(Controller):
         store: Store,
         run_id: int,
         offset: Annotated[int, Parameter(ge=0, description="chunk offset (next_offset)")] = 0,
-    ) -> dict[str, Any]:
-        """The run's output from `offset`; poll again with `next_offset` until `finished`."""
+        follow: Annotated[
+            bool, Parameter(description="stream server-sent events until the run ends")
+        ] = False,
+        last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
+    ) -> dict[str, Any] | ServerSentEvent:
+        """The run's output from `offset`; poll again with `next_offset` until `finished`.
+
+        With `follow=true`: `text/event-stream` of `log` events, then an `end` event (see
+        service/api/log_stream.py)."""
+        if follow:
+            start = resume_offset(offset, last_event_id)
+            return follow_response(store, run_id, offset=start)
         run = store.get_run(run_id)
         chunks = store.get_logs(run_id, offset=offset)
         next_offset = chunks[-1]["seq"] + 1 if chunks else offset

@@ -6,8 +6,8 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get
 
+from service import health as health_checks
 from service.api.security import CAN_READ
-from service.errors import NbcronError
 from service.store import Store
 
 
@@ -26,19 +26,15 @@ class SystemController(Controller):
     def system_health(
         self, request: Request[Any, Any, Any], store: Store
     ) -> Response[dict[str, Any]]:
-        """Postgres and worker checks; 503 naming the failing parts."""
-        timeout = request.app.state.settings.heartbeat_timeout_seconds
-        checks: dict[str, Any] = {}
-        try:
-            store.ping()
-            workers = [w for w in store.list_workers(timeout=timeout) if w["alive"]]
-            checks["postgres"] = {"status": "ok"}
-            checks["workers"] = {"status": "ok" if workers else "down", "alive": len(workers)}
-        except NbcronError as exc:
-            checks["postgres"] = {"status": "down", "detail": exc.detail}
-        failing = sorted(k for k, v in checks.items() if v["status"] != "ok")
-        body = {"status": "ok" if not failing else "degraded", "failing": failing, "checks": checks}
-        return Response(body, status_code=503 if failing else 200)
+        """Postgres, broker, dispatcher heartbeat and live workers, each with its status and
+        latency; 200 when all are up, 503 with `failing` naming the parts that are down."""
+        body = health_checks.system_health(store, request.app.state.settings)
+        return Response(body, status_code=503 if body["failing"] else 200)
+
+    @get("/system/stats", operation_id="systemStats", sync_to_thread=True)
+    def system_stats(self, request: Request[Any, Any, Any], store: Store) -> dict[str, Any]:
+        """Tasks, runs by status in the last hour and day, workers, queue depth."""
+        return health_checks.system_stats(store, request.app.state.settings)
 
     @get("/workers", operation_id="listWorkers", sync_to_thread=True)
     def workers(self, request: Request[Any, Any, Any], store: Store) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -10,16 +11,27 @@ from litestar import Controller, Request, delete, get, patch, post
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
-from service.api.common import audit
-from service.api.security import CAN_AUTHOR, CAN_OPERATE, CAN_READ
+from executors import ExecutorConfig
+from service.api.common import audit, audit_entry
+from service.api.security import CAN_AUTHOR, CAN_OPERATE, CAN_READ, check_task_patch
 from service.errors import ValidationError
 from service.models import Page, Run, Task
 from service.schedule import next_slots
+from service.secrets import (
+    check_no_clash,
+    masked,
+    merged_secret_names,
+    save_new_task_secrets,
+    save_task_secrets,
+    take_secrets,
+)
 from service.store import Store
-from service.tasks import check_parameters, parse_task_body, task_values
+from service.tasks import check_parameters, executor_config, parse_task_body, task_values
 
 Limit = Annotated[int, Parameter(ge=1, le=500, description="page size (max 500)")]
-Cursor = Annotated[int | None, Parameter(ge=0, description="next_cursor of the previous page")]
+Cursor = Annotated[
+    int | None, Parameter(ge=1, le=2**63 - 1, description="next_cursor of the previous page")
+]
 
 
 class TriggerBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -28,13 +40,18 @@ class TriggerBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     parameters: dict[str, Any] = {}
 
 
-def task_view(task: Task, *, upcoming: int = 0) -> dict[str, Any]:
+def task_view(task: Task, *, upcoming: int = 0, secrets: Iterable[str] = ()) -> dict[str, Any]:
     """A task as the API shows it (flat), with the next fire times when asked."""
-    out = task.flat()
+    out = task.flat() | {"secrets": masked(secrets)}  # names only, never values
     if upcoming and task.schedule and task.enabled:
         now = datetime.now(UTC)
         out["next_fire_times"] = next_slots(task.schedule, task.timezone, after=now, count=upcoming)
     return out
+
+
+def _config(request: Request[Any, Any, Any]) -> ExecutorConfig:
+    """This API process's view of the machine (notebooks root, HTTP allowlist) for validation."""
+    return executor_config(request.app.state.settings)
 
 
 class TaskController(Controller):
@@ -46,10 +63,13 @@ class TaskController(Controller):
         self, request: Request[Any, Any, Any], store: Store, data: dict[str, Any]
     ) -> dict[str, Any]:
         """Create a task; the body is flat, `executor` picks the kind."""
-        fields, spec = parse_task_body(data)
+        secrets = take_secrets(data)
+        fields, spec = parse_task_body(data, config=_config(request))
+        check_no_clash(secrets, fields.env)
         task = store.insert_task(task_values(fields, spec))
+        save_new_task_secrets(store, request.app.state.settings, task.id, secrets)
         audit(request, store, "task.create", "task", str(task.id), name=task.name)
-        return task_view(task, upcoming=5)
+        return task_view(task, upcoming=5, secrets=secrets)
 
     @get("/", operation_id="listTasks", guards=CAN_READ, sync_to_thread=True)
     def list_tasks(
@@ -67,28 +87,37 @@ class TaskController(Controller):
             limit=limit, cursor=cursor, enabled=enabled, executor=executor, tag=tag, q=q
         )
         nxt = tasks[-1].id if len(tasks) == limit else None
-        return Page(items=[task_view(t) for t in tasks], next_cursor=nxt)
+        names = store.task_secret_names([t.id for t in tasks])
+        return Page(items=[task_view(t, secrets=names[t.id]) for t in tasks], next_cursor=nxt)
 
     @get("/{ref:str}", operation_id="getTask", guards=CAN_READ, sync_to_thread=True)
     def show(self, store: Store, ref: str) -> dict[str, Any]:
         """One task by id or name, with its next 5 fire times."""
-        return task_view(store.get_task(ref), upcoming=5)
+        task = store.get_task(ref)
+        return task_view(task, upcoming=5, secrets=store.task_secret_names([task.id])[task.id])
 
-    @patch("/{ref:str}", operation_id="updateTask", guards=CAN_AUTHOR, sync_to_thread=True)
+    @patch("/{ref:str}", operation_id="updateTask", guards=CAN_OPERATE, sync_to_thread=True)
     def update(
         self, request: Request[Any, Any, Any], store: Store, ref: str, data: dict[str, Any]
     ) -> dict[str, Any]:
-        """Change some fields; the whole task is validated again."""
+        """Change some fields; the whole task is validated again. Operators may change only
+        `enabled` (pause/resume); a `secrets` entry set to null is deleted."""
         if not isinstance(data, dict):
             raise ValidationError("the body must be a JSON object")
+        check_task_patch(request, data)
+        changed = sorted(data)
+        secrets = take_secrets(data, partial=True)
         task = store.get_task(ref)
         merged = task.body() | data
         if data.get("executor", task.executor) != task.executor:
             merged = {k: v for k, v in merged.items() if k not in task.spec or k in data}
-        fields, spec = parse_task_body(merged)
+        fields, spec = parse_task_body(merged, config=_config(request))
+        names = merged_secret_names(store.task_secret_names([task.id])[task.id], secrets)
+        check_no_clash(names, fields.env)
         updated = store.update_task(task.id, task_values(fields, spec, previous=task))
-        audit(request, store, "task.update", "task", str(task.id), fields=sorted(data))
-        return task_view(updated, upcoming=5)
+        save_task_secrets(store, request.app.state.settings, task.id, secrets)
+        audit(request, store, "task.update", "task", str(task.id), fields=changed)
+        return task_view(updated, upcoming=5, secrets=names)
 
     @delete(
         "/{ref:str}",
@@ -122,13 +151,16 @@ class TaskController(Controller):
     ) -> Run:
         """Queue a run now; the same Idempotency-Key returns the same run."""
         task = store.get_task(ref)
-        parameters = check_parameters(data.parameters if data else {})
-        run, created = store.create_run(
-            task, trigger="manual", parameters=parameters, idempotency_key=idempotency_key
+        parameters = check_parameters(
+            data.parameters if data else {}, task=task, config=_config(request)
         )
-        if created:
-            audit(request, store, "task.trigger", "task", str(task.id), run_id=run.id)
-        return run
+        return store.create_run(
+            task,
+            trigger="manual",
+            parameters=parameters,
+            idempotency_key=idempotency_key,
+            audit=audit_entry(request, "task.trigger", "task", str(task.id)),
+        )[0]
 
     @get("/{ref:str}/runs", operation_id="listTaskRuns", guards=CAN_READ, sync_to_thread=True)
     def runs(

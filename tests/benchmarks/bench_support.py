@@ -39,17 +39,27 @@ def rss_mb(proc: subprocess.Popen[bytes]) -> float:
 
 def wait_workers(stack: Stack, count: int) -> None:
     url = stack.settings.database_url or ""
-    wait_for(lambda: sql(url, "SELECT count(*) FROM workers WHERE stopped_at IS NULL")[0][0]
-             >= count, timeout=60, what=f"{count} workers")
+    wait_for(
+        lambda: sql(url, "SELECT count(*) FROM workers WHERE stopped_at IS NULL")[0][0] >= count,
+        timeout=60,
+        what=f"{count} workers",
+    )
 
 
 @contextmanager
 def raw_workers(namespace: str, *, processes: int, threads: int, wait_ms: int) -> Iterator[None]:
     """Bare Dramatiq worker processes (the baseline), ready when the block starts."""
-    cmd = [sys.executable, "-m", "tests.benchmarks.raw_dramatiq", namespace, str(threads),
-           str(wait_ms)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-             for _ in range(processes)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.benchmarks.raw_dramatiq",
+        namespace,
+        str(threads),
+        str(wait_ms),
+    ]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(processes)
+    ]
     try:
         for proc in procs:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

@@ -59,12 +59,19 @@ def _raw_baseline(settings: Settings) -> float:
     namespace = f"{settings.broker_namespace}-raw"
     broker = make_broker(namespace)
     try:
-        with raw_workers(namespace, processes=WORKERS, threads=settings.worker_threads,
-                         wait_ms=settings.consumer_wait_ms):
+        with raw_workers(
+            namespace,
+            processes=WORKERS,
+            threads=settings.worker_threads,
+            wait_ms=settings.consumer_wait_ms,
+        ):
             start = time.perf_counter()
             for _ in range(N):
-                broker.enqueue(Message(queue_name="default", actor_name="noop", args=(0.0,),
-                                       kwargs={}, options={}))
+                broker.enqueue(
+                    Message(
+                        queue_name="default", actor_name="noop", args=(0.0,), kwargs={}, options={}
+                    )
+                )
             wait_raw_done(namespace, N, timeout=600)
             return N / (time.perf_counter() - start) * 60
     finally:
@@ -89,8 +96,13 @@ def test_drain_throughput_and_memory(drain_stack: Stack, record: Recorder) -> No
     idle = {label: rss_mb(p) for label, p in drain_stack.procs.items()}
 
     start = time.perf_counter()
-    sql(url, "INSERT INTO runs (task_id, trigger, queue) "
-             "SELECT %s, 'manual', 'default' FROM generate_series(1, %s)", task["id"], N)
+    sql(
+        url,
+        "INSERT INTO runs (task_id, trigger, queue) "
+        "SELECT %s, 'manual', 'default' FROM generate_series(1, %s)",
+        task["id"],
+        N,
+    )
     while sql(url, "SELECT count(*) FROM runs WHERE status = 'succeeded'")[0][0] < N:
         assert time.perf_counter() - start < 600, "drain did not finish in 10 minutes"
         time.sleep(0.1)
@@ -103,11 +115,22 @@ def test_drain_throughput_and_memory(drain_stack: Stack, record: Recorder) -> No
     raw = _raw_baseline(dataclasses.replace(drain_stack.settings))
     bare = _subprocess_baseline()
     slower = min(raw, bare)
-    record.add(f"drain {N:,} shell runs, {WORKERS} workers", rate, "runs/min",
-               baseline_name="raw Dramatiq no-op", baseline=raw, target=">= 30,000/min")
-    record.add("drain vs bare subprocess.run(['true']) loop", rate, "runs/min",
-               baseline_name="subprocess loop", baseline=bare,
-               target=">= 0.6 x slower baseline")
+    record.add(
+        f"drain {N:,} shell runs, {WORKERS} workers",
+        rate,
+        "runs/min",
+        baseline_name="raw Dramatiq no-op",
+        baseline=raw,
+        target=">= 30,000/min",
+    )
+    record.add(
+        "drain vs bare subprocess.run(['true']) loop",
+        rate,
+        "runs/min",
+        baseline_name="subprocess loop",
+        baseline=bare,
+        target=">= 0.6 x slower baseline",
+    )
     record.add("drain / slower baseline", rate / slower, "x", target=">= 0.6")
     for label in ("api", "dispatcher", "worker0"):
         record.add(f"RSS {label} idle", idle[label], "MB", target="<= 200 MB")

@@ -39,6 +39,8 @@ def make_task(**overrides: Any) -> Task:
         "overlap_policy": "allow",
         "queue": "default",
         "env": {},
+        "notify": {},
+        "keep_last": None,
         "next_fire_at": T0,
         "created_at": T0 - timedelta(days=1),
         "updated_at": T0 - timedelta(days=1),

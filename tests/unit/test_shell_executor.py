@@ -226,3 +226,12 @@ def test_parse_spec_errors_name_the_field(fields: dict[str, Any], bad: str) -> N
         get_executor("shell").parse_spec(fields)
     assert info.value.field == bad
     assert bad in str(info.value)
+
+
+def test_error_tail_keeps_lines_that_arrive_in_several_chunks() -> None:
+    from executors.shell import _Tail
+
+    tail = _Tail()
+    for chunk in ("first li", "ne\nsecond ", "line\nno newline at the e", "nd"):
+        tail.add(chunk)
+    assert tail.text() == "first line\nsecond line\nno newline at the end"
