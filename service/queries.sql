@@ -152,7 +152,8 @@ RETURNING r.id, r.task_id, r.attempt, r.parameters, t.name AS task_name, t.execu
           t.env, t.timeout_seconds, t.max_retries, t.retry_delay_seconds, r.cancel_requested,
           -- what the worker needs to know up front, so the common run costs two statements
           EXISTS (SELECT 1 FROM task_secrets s WHERE s.task_id = t.id) AS has_secrets,
-          EXISTS (SELECT 1 FROM tasks d WHERE d.depends_on @> ARRAY[t.name]) AS has_dependents;
+          EXISTS (SELECT 1 FROM tasks d WHERE d.depends_on @> ARRAY[t.name]) AS has_dependents,
+          t.notify <> '{}'::jsonb AS has_notify;
 
 -- name: finish_run
 UPDATE runs r SET status = %(status)s, finished_at = now(), exit_code = %(exit_code)s,

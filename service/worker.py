@@ -220,7 +220,8 @@ class RunHandler:
                 log.info("run %s %s", run_id, result.outcome.value)
         finally:
             self.monitor.untrack(run_id)
-            self.on_finished(run_id)
+            if claim["has_notify"]:  # others are found by the notifier's own poll
+                self.on_finished(run_id)
 
     def _claim(self, run_id: int) -> dict[str, Any] | None:
         """Claim the run; while Postgres is away keep trying (the claim is idempotent) rather

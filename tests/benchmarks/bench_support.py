@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psutil
 import psycopg
 import redis
 
+from service.config import Settings
 from tests.support import REDIS_URL, ROOT, Stack, wait_for
 
 
@@ -83,3 +86,29 @@ def wait_raw_done(namespace: str, n: int, timeout: float) -> float:
             raise AssertionError(f"baseline stuck at {raw_done(namespace)}/{n}")
         time.sleep(0.02)
     return time.perf_counter() - start
+
+
+def tuned(settings: Settings) -> Settings:
+    """Benchmark knobs from the environment (NBCRON_BENCH_WAIT_MS, NBCRON_BENCH_THREADS)."""
+    wait = os.environ.get("NBCRON_BENCH_WAIT_MS")
+    threads = os.environ.get("NBCRON_BENCH_THREADS")
+    return settings.with_overrides(
+        consumer_wait_ms=int(wait) if wait else None,
+        worker_threads=int(threads) if threads else None,
+    )
+
+
+@contextmanager
+def running_stack(settings: Settings, key: str, logs: Path, *, workers: int) -> Iterator[Stack]:
+    """API, dispatcher and `workers` worker processes, up and registered."""
+    stack = Stack(settings=tuned(settings), key=key, logs=logs)
+    stack.start("api")
+    stack.start("dispatcher")
+    for i in range(workers):
+        stack.start("worker", name=f"worker{i}")
+    try:
+        stack.wait_healthy()
+        wait_workers(stack, workers)
+        yield stack
+    finally:
+        stack.stop_all()

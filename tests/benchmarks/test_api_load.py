@@ -13,10 +13,9 @@ import httpx
 import pytest
 
 from service.config import Settings
-from tests.benchmarks.bench_support import median, percentile, wait_workers
+from tests.benchmarks.bench_support import median, percentile, running_stack
 from tests.benchmarks.conftest import Recorder
 from tests.benchmarks.loadgen import Request, run_open_loop
-from tests.benchmarks.test_throughput import tuned
 from tests.support import ROOT, Stack, free_port
 
 pytestmark = pytest.mark.bench
@@ -26,16 +25,8 @@ SECONDS = float(os.environ.get("NBCRON_BENCH_LOAD_SECONDS", "30"))
 
 @pytest.fixture
 def load_stack(settings: Settings, admin_key: str, tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(settings=tuned(settings), key=admin_key, logs=tmp_path)
-    stack.start("api")
-    stack.start("dispatcher")
-    stack.start("worker", name="worker0")
-    try:
-        stack.wait_healthy()
-        wait_workers(stack, 1)
+    with running_stack(settings, admin_key, tmp_path, workers=1) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 @pytest.fixture

@@ -18,13 +18,12 @@ from tests.benchmarks.bench_support import (
     median,
     percentile,
     raw_workers,
+    running_stack,
     sql,
     wait_raw_done,
-    wait_workers,
 )
 from tests.benchmarks.conftest import Recorder
 from tests.benchmarks.raw_dramatiq import make_broker
-from tests.benchmarks.test_throughput import tuned
 from tests.support import REDIS_URL, Stack, clear_namespace
 
 pytestmark = pytest.mark.bench
@@ -34,17 +33,8 @@ HERD = int(os.environ.get("NBCRON_BENCH_HERD", "1000"))
 
 @pytest.fixture
 def idle_stack(settings: Settings, admin_key: str, tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(settings=tuned(settings), key=admin_key, logs=tmp_path)
-    stack.start("api")
-    stack.start("dispatcher")
-    stack.start("worker", name="worker0")
-    stack.start("worker", name="worker1")
-    try:
-        stack.wait_healthy()
-        wait_workers(stack, 2)
+    with running_stack(settings, admin_key, tmp_path, workers=2) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 def _wait_finished(conn: psycopg.Connection, run_id: int) -> tuple[float, float]:

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from service.config import Settings
-from tests.benchmarks.bench_support import median, wait_workers
+from tests.benchmarks.bench_support import median, running_stack
 from tests.benchmarks.conftest import Recorder
 from tests.support import Stack
 
@@ -41,16 +41,8 @@ def notebook_stack(settings: Settings, admin_key: str, tmp_path: Path) -> Iterat
     folder.mkdir()
     _notebook(folder / "trivial.ipynb")
     local = settings.with_overrides(notebooks_dir=folder, kernel_pool_size=1)
-    stack = Stack(settings=local, key=admin_key, logs=tmp_path)
-    stack.start("api")
-    stack.start("dispatcher")
-    stack.start("worker", name="worker0")
-    try:
-        stack.wait_healthy()
-        wait_workers(stack, 1)
+    with running_stack(local, admin_key, tmp_path, workers=1) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 def _through_nbcron(stack: Stack) -> list[float]:

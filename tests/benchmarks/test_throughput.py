@@ -16,9 +16,9 @@ from service.config import Settings
 from tests.benchmarks.bench_support import (
     raw_workers,
     rss_mb,
+    running_stack,
     sql,
     wait_raw_done,
-    wait_workers,
 )
 from tests.benchmarks.conftest import Recorder
 from tests.benchmarks.raw_dramatiq import make_broker
@@ -29,29 +29,10 @@ N = int(os.environ.get("NBCRON_BENCH_DRAIN", "20000"))
 WORKERS = 2
 
 
-def tuned(settings: Settings) -> Settings:
-    """Benchmark knobs from the environment (NBCRON_BENCH_WAIT_MS, NBCRON_BENCH_THREADS)."""
-    wait = os.environ.get("NBCRON_BENCH_WAIT_MS")
-    threads = os.environ.get("NBCRON_BENCH_THREADS")
-    return settings.with_overrides(
-        consumer_wait_ms=int(wait) if wait else None,
-        worker_threads=int(threads) if threads else None,
-    )
-
-
 @pytest.fixture
 def drain_stack(settings: Settings, admin_key: str, tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(settings=tuned(settings), key=admin_key, logs=tmp_path)
-    stack.start("api")
-    stack.start("dispatcher")
-    for i in range(WORKERS):
-        stack.start("worker", name=f"worker{i}")
-    try:
-        stack.wait_healthy()
-        wait_workers(stack, WORKERS)
+    with running_stack(settings, admin_key, tmp_path, workers=WORKERS) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 def _raw_baseline(settings: Settings) -> float:
