@@ -19,7 +19,7 @@ from schemathesis.engine import Status, events, from_schema
 from tests.support import Stack
 
 EXAMPLES_PER_OPERATION = 100
-BUDGET_SECONDS = 150  # hard stop, so `make test` stays bounded even on a slow machine
+BUDGET_SECONDS = 240  # hard stop, so `make test` stays bounded even on a slow machine
 
 
 def fuzz_config(key: str) -> SchemathesisConfig:
@@ -38,7 +38,9 @@ def fuzz_config(key: str) -> SchemathesisConfig:
             },
             "phases": {"stateful": {"enabled": False}},
             "request-timeout": 30,
-            "workers": 2,
+            # one engine thread: CPython 3.11.7 has a race in `ast` between threads (gh-106905,
+            # "AST constructor recursion depth mismatch") that hypothesis can trip in the client
+            "workers": 1,
             "continue-on-failure": True,
             "operations": [
                 {

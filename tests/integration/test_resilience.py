@@ -557,8 +557,12 @@ def test_queue_routes_runs_to_the_workers_of_that_queue(
         wait_for(lambda: _status(url, slow) == "running", timeout=20, what="slow report running")
 
         def loaded() -> dict[str, dict[str, object]] | None:
+            # `running` is each worker's last heartbeat, so wait for both snapshots to settle
             workers = _workers(stack)
-            return workers if workers["wq-reports"]["running"] == 1 else None
+            settled = (
+                workers["wq-reports"]["running"] == 1 and workers["wq-default"]["running"] == 0
+            )
+            return workers if settled else None
 
         workers = wait_for(loaded, timeout=10, what="/api/workers to show the running report")
         assert workers["wq-reports"]["queues"] == ["reports"]
