@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import psutil
 import psycopg
 import pytest
@@ -15,6 +19,7 @@ import redis
 from service.config import Settings
 from service.embedded import EmbeddedPostgres, EmbeddedServerError, EmbeddedValkey
 from service.supervisor import run_up
+from tests.support import REDIS_URL, ROOT, free_port
 
 
 def _processes_mentioning(text: str) -> list[psutil.Process]:
@@ -136,3 +141,44 @@ def test_up_refuses_a_busy_api_port_without_starting_anything(
     assert out == ""
     assert list(tmp_path.iterdir()) == []
     assert not _processes_mentioning(str(tmp_path))
+
+
+def test_up_uses_external_servers_when_urls_are_set(database_url: str, tmp_path: Path) -> None:
+    """`nbcron up` with NBCRON_DATABASE_URL/NBCRON_BROKER_URL set starts no embedded server."""
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBCRON_")}
+    env |= {
+        "NBCRON_DATABASE_URL": database_url,
+        "NBCRON_BROKER_URL": REDIS_URL,
+        "NBCRON_BROKER_NAMESPACE": f"up-{port}",
+        "NBCRON_DATA_DIR": str(tmp_path / "data"),
+        "NBCRON_API_PORT": str(port),
+        "NBCRON_DASHBOARD_PORT": str(free_port()),
+        "NBCRON_KERNEL_POOL_SIZE": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        while "Press Ctrl-C to stop." not in "".join(lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            lines.append(proc.stdout.readline())
+        text = "".join(lines)
+        assert "embedded" not in text.split("Database", 1)[1], text
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
+        assert not (tmp_path / "data" / "postgres").exists()
+        assert not (tmp_path / "data" / "valkey").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    assert proc.returncode == 0
