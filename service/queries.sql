@@ -37,6 +37,10 @@ SELECT * FROM tasks WHERE id = %(id)s FOR UPDATE;
 -- name: existing_task_names
 SELECT name FROM tasks WHERE name = ANY(%(names)s);
 
+-- name: dependency_write_lock
+-- Serialises writes to the dependency graph, so two concurrent writes cannot close a cycle.
+SELECT pg_advisory_xact_lock(%(lock)s);
+
 -- name: dependency_graph
 SELECT name, depends_on FROM tasks WHERE depends_on <> '{}';
 
@@ -550,3 +554,7 @@ WITH task AS (
 DELETE FROM artifacts
 WHERE run_id IN (SELECT run_id FROM holders) AND run_id NOT IN (SELECT run_id FROM kept)
 RETURNING run_id, name;
+
+-- name: dashboard_work_mem
+-- Window aggregates sort ~10^5 rows; keep those sorts in memory, for the current transaction only.
+SELECT set_config('work_mem', '64MB', true);

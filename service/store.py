@@ -178,7 +178,7 @@ class Store:
         """Unknown upstreams and cycles are rejected at write time (422 naming depends_on)."""
         if not depends_on:
             return
-        tx.conn.execute("SELECT pg_advisory_xact_lock(%s)", (DEPENDENCY_LOCK,))
+        tx.one("dependency_write_lock", lock=DEPENDENCY_LOCK)
         found = {r["name"] for r in tx.all("existing_task_names", names=list(depends_on))}
         missing = sorted(set(depends_on) - found)
         if missing:
@@ -534,8 +534,7 @@ class Store:
         if not query.startswith("dashboard_"):
             raise ValueError(f"{query!r} is not a dashboard query")
         with self.tx() as tx:
-            # Window aggregates sort ~10^5 rows; keep those sorts in memory, for this query only.
-            tx.conn.execute("SET LOCAL work_mem = '64MB'")
+            tx.one("dashboard_work_mem")
             return tx.all(query, **params)
 
     # -- artifacts and notebooks ----------------------------------------

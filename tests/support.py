@@ -8,11 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import redis
 
 from service.config import Settings, settings_env
 from service.migrate import MIGRATIONS_DIR, migrate
+from service.models import Task
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("NBCRON_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -187,3 +191,58 @@ def wait_for(predicate: Any, *, timeout: float = 30, interval: float = 0.1, what
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def task_record(**overrides: Any) -> Task:
+    """A stored task as the store returns it: every field given, defaults like a new shell task."""
+    created = datetime(2026, 1, 1, tzinfo=UTC)
+    values: dict[str, Any] = {
+        "id": 1,
+        "name": "task",
+        "executor": "shell",
+        "spec": {"command": "true"},
+        "description": "",
+        "tags": [],
+        "schedule": None,
+        "timezone": "UTC",
+        "enabled": True,
+        "timeout_seconds": None,
+        "max_retries": 0,
+        "retry_delay_seconds": 60,
+        "depends_on": [],
+        "misfire_policy": "run_once",
+        "misfire_grace_seconds": 60,
+        "max_catchup": 10,
+        "overlap_policy": "allow",
+        "queue": "default",
+        "env": {},
+        "notify": {},
+        "keep_last": None,
+        "next_fire_at": None,
+        "created_at": created,
+        "updated_at": created,
+    }
+    assert set(values) == set(Task.__struct_fields__)  # a new Task field must be added here
+    return Task(**(values | overrides))
+
+
+@contextmanager
+def webhook_receiver(handle: Callable[[bytes], int]) -> Iterator[str]:
+    """A real HTTP server on loopback; each POST body goes to `handle`, which gives the status."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            self.send_response(handle(self.rfile.read(length)))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    finally:
+        server.shutdown()

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from aiosmtpd.controller import Controller
 
 from service.config import Settings
 from service.store import Store
-from tests.support import Stack, free_port, wait_for, wait_run
+from tests.support import Stack, free_port, wait_for, wait_run, webhook_receiver
 
 PUBLIC = "https://nbcron.example.org"
 
@@ -48,23 +47,9 @@ class Receiver:
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     state = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", 0))
-            status = state.handle(self.rfile.read(length))
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            return None
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    yield state
-    server.shutdown()
+    with webhook_receiver(state.handle) as url:
+        state.url = url
+        yield state
 
 
 class Mailbox:

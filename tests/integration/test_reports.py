@@ -5,11 +5,9 @@ Real API, dispatcher, worker, kernels, a loopback webhook receiver and a loopbac
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from email import message_from_bytes
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -17,7 +15,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from tests.integration.executor_support import module_stack
-from tests.support import ROOT, Stack, free_port, wait_for, wait_run
+from tests.support import ROOT, Stack, free_port, wait_for, wait_run, webhook_receiver
 
 PUBLIC = "https://reports.example.org"
 
@@ -44,23 +42,9 @@ class Mailbox:
 @pytest.fixture(scope="module")
 def hooks() -> Iterator[Hooks]:
     state = Hooks()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", 0))
-            state.bodies.append(json.loads(self.rfile.read(length)))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            return None
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    yield state
-    server.shutdown()
+    with webhook_receiver(lambda body: state.bodies.append(json.loads(body)) or 200) as url:
+        state.url = url
+        yield state
 
 
 @pytest.fixture(scope="module")

@@ -17,37 +17,15 @@ from dashboards.views import OverviewView, TaskView
 from dashboards.web import COOKIE, Sessions, WebContext, safe_next
 from service.auth import Principal
 from service.models import Role, Run, RunStatus, Task
+from tests.support import task_record
 
 NOW = datetime(2026, 3, 28, 12, 0, tzinfo=UTC)
 XSS = "<img src=x onerror=alert(1)>"
 
 
 def _task(**over: Any) -> Task:
-    values: dict[str, Any] = {
-        "id": 1,
-        "name": "etl",
-        "executor": "shell",
-        "spec": {"command": "true"},
-        "description": "",
-        "tags": [],
-        "schedule": None,
-        "timezone": "UTC",
-        "enabled": True,
-        "timeout_seconds": None,
-        "max_retries": 0,
-        "retry_delay_seconds": 60,
-        "depends_on": [],
-        "misfire_policy": "run_once",
-        "misfire_grace_seconds": 60,
-        "max_catchup": 10,
-        "overlap_policy": "allow",
-        "queue": "default",
-        "env": {},
-        "next_fire_at": None,
-        "created_at": NOW,
-        "updated_at": NOW,
-    }
-    return Task(**values | over)
+    base = {"name": "etl", "created_at": NOW, "updated_at": NOW}
+    return task_record(**(base | over))
 
 
 @dataclass

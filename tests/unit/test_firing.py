@@ -10,6 +10,7 @@ import pytest
 
 from service.firing import MAX_SLOTS_PER_TICK, FirePlan, plan_firing
 from service.models import Task
+from tests.support import task_record
 
 T0 = datetime(2026, 5, 4, 8, 0, tzinfo=UTC)  # the slot due when the outage began
 NOW = T0 + timedelta(hours=2, seconds=30)  # back after two hours
@@ -19,34 +20,14 @@ LATE = ALL_SLOTS[:-1]  # 120 slots more than 60 s old
 
 
 def make_task(**overrides: Any) -> Task:
-    values: dict[str, Any] = {
-        "id": 1,
+    base = {
         "name": "every-minute",
-        "executor": "shell",
-        "spec": {"command": "true"},
-        "description": "",
-        "tags": [],
         "schedule": "* * * * *",
-        "timezone": "UTC",
-        "enabled": True,
-        "timeout_seconds": None,
-        "max_retries": 0,
-        "retry_delay_seconds": 60,
-        "depends_on": [],
-        "misfire_policy": "run_once",
-        "misfire_grace_seconds": 60,
-        "max_catchup": 10,
-        "overlap_policy": "allow",
-        "queue": "default",
-        "env": {},
-        "notify": {},
-        "keep_last": None,
         "next_fire_at": T0,
         "created_at": T0 - timedelta(days=1),
         "updated_at": T0 - timedelta(days=1),
     }
-    assert set(values) == set(Task.__struct_fields__)
-    return Task(**(values | overrides))
+    return task_record(**(base | overrides))
 
 
 def missed_slots(plan: FirePlan) -> list[datetime]:
