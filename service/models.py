@@ -296,3 +296,12 @@ class Page(msgspec.Struct, kw_only=True):
 
     items: list[Any]
     next_cursor: int | None
+
+
+class RunResult(msgspec.Struct, kw_only=True, frozen=True):
+    """What a worker records when a run ends (or ends an attempt that will be retried)."""
+
+    run_id: int
+    status: str
+    exit_code: int | None = None
+    error: str | None = None

@@ -124,11 +124,15 @@ FOR UPDATE SKIP LOCKED;
 -- name: next_fire_at
 SELECT min(next_fire_at) AS at FROM tasks WHERE enabled AND next_fire_at IS NOT NULL;
 
--- name: set_next_fire_at
-UPDATE tasks SET next_fire_at = %(next_fire_at)s WHERE id = %(id)s;
+-- name: set_next_fire_times
+UPDATE tasks t SET next_fire_at = v.at
+FROM unnest(%(ids)s::bigint[], %(ats)s::timestamptz[]) AS v(id, at)
+WHERE t.id = v.id;
 
--- name: active_run_of_task
-SELECT id FROM runs WHERE task_id = %(task_id)s AND status IN ('queued', 'running') LIMIT 1;
+-- name: active_tasks
+-- Which of these tasks have a queued or running run (the overlap policies' question).
+SELECT DISTINCT task_id FROM runs
+WHERE task_id = ANY(%(ids)s::bigint[]) AND status IN ('queued', 'running');
 
 -- name: cancel_active_runs
 WITH queued AS (
@@ -140,30 +144,48 @@ WITH queued AS (
 UPDATE runs SET cancel_requested = true, reason = %(reason)s
 WHERE task_id = %(task_id)s AND status = 'running';
 
--- name: insert_missed_run
+-- name: insert_missed_runs
+-- Slots (or dependency releases) recorded as missed, one array element per run.
 INSERT INTO runs (task_id, status, trigger, queue, scheduled_for, finished_at, reason)
-VALUES (%(task_id)s, 'missed', %(trigger)s, %(queue)s, %(scheduled_for)s, now(), %(reason)s)
-ON CONFLICT DO NOTHING
-RETURNING id;
+SELECT m.task_id, 'missed', %(trigger)s, m.queue, m.slot, now(), m.reason
+FROM unnest(%(task_ids)s::bigint[], %(queues)s::text[], %(slots)s::timestamptz[],
+            %(reasons)s::text[]) AS m(task_id, queue, slot, reason)
+ON CONFLICT DO NOTHING;
 
--- name: claim_run
--- A worker takes a run; a duplicate delivery finds it no longer queued and does nothing.
+-- name: insert_slot_runs
+-- The cron slots of a batch of due tasks, one array element per slot; a slot already recorded
+-- (another dispatcher fired it) is skipped by the unique (task_id, scheduled_for) index.
+INSERT INTO runs (task_id, trigger, queue, scheduled_for)
+SELECT s.task_id, 'schedule', s.queue, s.slot
+FROM unnest(%(task_ids)s::bigint[], %(queues)s::text[], %(slots)s::timestamptz[])
+         AS s(task_id, queue, slot)
+ON CONFLICT DO NOTHING;
+
+-- name: claim_runs
+-- A worker takes runs (one, or a batch gathered from its threads); a duplicate delivery finds its
+-- run no longer queued and gets no row back.
 UPDATE runs r SET status = 'running', started_at = now(), heartbeat_at = now(),
        worker = %(worker)s
 FROM tasks t
-WHERE r.id = %(id)s AND r.status = 'queued' AND t.id = r.task_id
+WHERE r.id = ANY(%(ids)s::bigint[]) AND r.status = 'queued' AND t.id = r.task_id
 RETURNING r.id, r.task_id, r.attempt, r.parameters, t.name AS task_name, t.executor, t.spec,
           t.env, t.timeout_seconds, t.max_retries, t.retry_delay_seconds, r.cancel_requested,
           -- what the worker needs to know up front, so the common run costs two statements
           EXISTS (SELECT 1 FROM task_secrets s WHERE s.task_id = t.id) AS has_secrets,
           EXISTS (SELECT 1 FROM tasks d WHERE d.depends_on @> ARRAY[t.name]) AS has_dependents,
-          t.notify <> '{}'::jsonb AS has_notify;
+          -- a rule with somewhere to send (the same test as the notifications trigger)
+          (t.notify ->> 'webhook' IS NOT NULL
+           OR coalesce(jsonb_array_length(nullif(t.notify -> 'email', 'null'::jsonb)), 0) > 0)
+              AS has_notify;
 
--- name: finish_run
-UPDATE runs r SET status = %(status)s, finished_at = now(), exit_code = %(exit_code)s,
-       error = %(error)s
-FROM tasks t
-WHERE r.id = %(id)s AND r.status = 'running' AND t.id = r.task_id
+-- name: finish_runs
+-- Final (or retryable) results of one or more running runs, one array element per run.
+UPDATE runs r SET status = v.status, finished_at = now(), exit_code = v.exit_code,
+       error = v.error
+FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(exit_codes)s::int[], %(errors)s::text[])
+         AS v(id, status, exit_code, error),
+     tasks t
+WHERE r.id = v.id AND r.status = 'running' AND t.id = r.task_id
 RETURNING r.*, t.name AS task_name;
 
 -- name: dependents_of
@@ -558,3 +580,53 @@ RETURNING run_id, name;
 -- name: dashboard_work_mem
 -- Window aggregates sort ~10^5 rows; keep those sorts in memory, for the current transaction only.
 SELECT set_config('work_mem', '64MB', true);
+
+-- api hot path
+-- Single statements for the API's busiest routes (GET /api/tasks/{id}, POST …/trigger, key
+-- revocation): each is one round trip in autocommit, so one commit where anything is written.
+
+-- name: get_task_view_by_id
+SELECT t.*, ARRAY(SELECT s.name FROM task_secrets s WHERE s.task_id = t.id ORDER BY s.name)
+       AS secret_names
+FROM tasks t WHERE t.id = %(id)s;
+
+-- name: get_task_view_by_name
+SELECT t.*, ARRAY(SELECT s.name FROM task_secrets s WHERE s.task_id = t.id ORDER BY s.name)
+       AS secret_names
+FROM tasks t WHERE t.name = %(name)s;
+
+-- name: insert_manual_run_audited
+-- A run and its audit row (detail gains the run's id) in one statement, so both or neither are
+-- committed. A replayed idempotency key inserts neither and returns no row. `traceparent`
+-- (tracing on) wins over the transaction setting the column defaults to.
+WITH run AS (
+    INSERT INTO runs (task_id, trigger, attempt, parameters, queue, not_before, idempotency_key,
+                      traceparent)
+    VALUES (%(task_id)s, %(trigger)s, 1, %(parameters)s, %(queue)s, now(), %(idempotency_key)s,
+            coalesce(%(traceparent)s, nullif(current_setting('nbcron.traceparent', true), '')))
+    ON CONFLICT DO NOTHING
+    RETURNING *
+), audited AS (
+    INSERT INTO audit_log (actor, action, object_type, object_id, remote, detail)
+    SELECT %(actor)s, %(action)s, %(object_type)s, %(object_id)s, %(remote)s,
+           %(detail)s::jsonb || jsonb_build_object('run_id', run.id)
+    FROM run
+)
+SELECT * FROM run;
+
+-- name: revoke_api_key_notify
+-- Revoke, and tell every API process (LISTEN nbcron_keys) to drop its cached principals; the
+-- notification is delivered at commit, so never for a revocation that did not happen.
+WITH revoked AS (
+    UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %(id)s
+    RETURNING id, name, role, prefix, created_at, last_used_at, revoked_at
+)
+SELECT revoked.*, pg_notify('nbcron_keys', revoked.id::text) AS notified FROM revoked;
+
+-- name: list_runs_recent
+-- The unfiltered runs page, newest first. No `IS NULL OR` filters: those make the cached generic
+-- plan a scan and sort of the whole table; this one walks the primary key backwards.
+SELECT r.*, t.name AS task_name FROM runs r JOIN tasks t ON t.id = r.task_id
+WHERE r.id < coalesce(%(cursor)s::bigint, 9223372036854775807)
+ORDER BY r.id DESC
+LIMIT %(limit)s;

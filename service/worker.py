@@ -12,7 +12,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,12 +29,14 @@ from executors import (
     start_executors,
     stop_executors,
 )
+from service.batching import Combiner
 from service.broker import declare_execute_run, make_broker
 from service.config import Settings
 from service.errors import NbcronError, UnavailableError
 from service.lifecycle import retry_delay
 from service.logging import run_context
 from service.metrics import kernel_pool_ready
+from service.models import RunResult
 from service.notify import Notifier
 from service.secrets import Masker, SecretsError, load_task_secrets
 from service.store import Store
@@ -200,6 +202,9 @@ class RunHandler:
         self.store, self.monitor, self.settings = store, monitor, settings
         self.config = executor_config(settings)
         self.on_finished: Callable[[int], None] = lambda run_id: None  # wakes the notifier
+        # The process's threads share their claim and finish statements (one per batch).
+        self._claims: Combiner[int, dict[str, Any] | None] = Combiner(self._claim_batch)
+        self._finishes: Combiner[RunResult, None] = Combiner(self._finish_batch)
 
     def __call__(self, run_id: int) -> None:
         claim = self._claim(run_id)
@@ -226,9 +231,15 @@ class RunHandler:
     def _claim(self, run_id: int) -> dict[str, Any] | None:
         """Claim the run; while Postgres is away keep trying (the claim is idempotent) rather
         than drop the message and leave the run to the slow re-send."""
-        return _while_unavailable(
-            lambda: self.store.claim_run(run_id, worker=self.monitor.name), what=f"run {run_id}"
-        )
+        return _while_unavailable(lambda: self._claims(run_id), what=f"run {run_id}")
+
+    def _claim_batch(self, run_ids: Sequence[int]) -> list[dict[str, Any] | None]:
+        claimed = self.store.claim_runs(run_ids, worker=self.monitor.name)
+        return [claimed.get(run_id) for run_id in run_ids]
+
+    def _finish_batch(self, results: Sequence[RunResult]) -> list[None]:
+        self.store.finish_runs(results)
+        return [None] * len(results)
 
     def _execute(self, claim: dict[str, Any], run: ActiveRun) -> Result:
         try:
@@ -287,32 +298,23 @@ class RunHandler:
             max_retries=claim["max_retries"],
             base=claim["retry_delay_seconds"],
         )
-        self._finish_with_retries(
-            run.run_id, status, result.exit_code, error, delay, claim["has_dependents"]
+        outcome = RunResult(
+            run_id=run.run_id, status=status, exit_code=result.exit_code, error=error
         )
-
-    def _finish_with_retries(
-        self,
-        run_id: int,
-        status: str,
-        code: int | None,
-        error: str | None,
-        delay: float | None,
-        has_dependents: bool,
-    ) -> None:
-        """Keep trying while Postgres is away; past the limit the reaper ends the run."""
+        # keep trying while Postgres is away; past the limit the reaper ends the run
         _while_unavailable(
-            lambda: self.store.finish_run(
-                run_id,
-                status=status,
-                exit_code=code,
-                error=error,
-                retry_delay=delay,
-                has_dependents=has_dependents,
-            ),
-            what=f"run {run_id}'s result",
+            lambda: self._record(outcome, delay, has_dependents=claim["has_dependents"]),
+            what=f"run {run.run_id}'s result",
             give_up=True,
         )
+
+    def _record(self, outcome: RunResult, delay: float | None, *, has_dependents: bool) -> None:
+        """A plain result shares a statement with other threads' results; a retry to queue or
+        dependents to release take their own transaction."""
+        if delay is None and not has_dependents:
+            self._finishes(outcome)
+        else:
+            self.store.finish_run(outcome, retry_delay=delay, has_dependents=has_dependents)
 
 
 def _while_unavailable(call: Callable[[], _T], *, what: str, give_up: bool = False) -> _T | None:

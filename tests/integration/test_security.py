@@ -25,7 +25,7 @@ from psycopg import sql
 from service.api import create_app
 from service.api.security import open_paths
 from service.config import Settings
-from service.models import Role
+from service.models import Role, RunResult
 from service.store import Store
 from service.tokens import ISSUER, issue
 from tests.support import Stack, free_port, wait_run
@@ -190,7 +190,7 @@ class World:
         self.store.add_artifact(self.run_id, "report.html", "text/html", b"<p>report</p>")
         done = self.trigger()  # a succeeded run with a report, for GET /api/tasks/{ref}/report
         assert self.store.claim_run(done, worker="matrix") is not None
-        self.store.finish_run(done, status="succeeded", exit_code=0, error=None, retry_delay=None)
+        self.store.finish_runs([RunResult(run_id=done, status="succeeded", exit_code=0)])
         self.store.add_artifact(done, "report.html", "text/html", b"<p>latest</p>")
 
     def trigger(self) -> int:

@@ -60,7 +60,7 @@ QUERIES = queries()
 
 def test_queries_are_loaded() -> None:
     assert len(QUERIES) >= 10
-    for name in ("insert_task", "get_task_by_id", "due_tasks", "insert_run", "set_next_fire_at"):
+    for name in ("insert_task", "get_task_by_id", "due_tasks", "insert_run", "set_next_fire_times"):
         assert name in QUERIES
 
 
