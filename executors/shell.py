@@ -1,16 +1,17 @@
 """Shell executor: a command in its own process group, output streamed, the whole tree killed.
 
 Parameters reach the process as `NBCRON_PARAM_<NAME>` environment variables and are never spliced
-into the command text, so a value like `; rm -rf ~` is inert data.
+into the command text, so a value like `; rm -rf ~` is inert data. In a worker, each run also
+carries the worker's guardian token (`executors.guardian`), so it dies with the worker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +20,8 @@ from typing import Annotated, Any
 import msgspec
 import psutil
 
-from executors import Executor, Outcome, Result, RunContext, SpecError
+from executors import Executor, ExecutorConfig, Outcome, Result, RunContext, SpecError
+from executors.guardian import guard_env, start_guardian, stop_guardian
 
 RUN_MARKER = "NBCRON_RUN_ID"
 _PARAM_NAME_RE = re.compile(r"[^A-Za-z0-9_]")
@@ -182,13 +184,11 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _death_prefix() -> list[str]:
-    """`setpriv --pdeathsig KILL`: the command dies with its worker, without a slow preexec_fn."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
-
-
-_DEATH_PREFIX = _death_prefix()
+@functools.cache
+def _base_env() -> dict[str, str]:
+    """The process's environment, decoded once (`dict(os.environ)` per run is measurable);
+    `on_worker_start` reads it afresh."""
+    return dict(os.environ)
 
 
 class ShellExecutor(Executor):
@@ -199,9 +199,18 @@ class ShellExecutor(Executor):
         if "\x00" in spec.command:
             raise SpecError("command must not contain NUL bytes", field="command")
 
+    def on_worker_start(self, config: ExecutorConfig) -> None:
+        """Start the worker's run guardian: runs then die with the worker, SIGKILL included."""
+        _base_env.cache_clear()
+        start_guardian(grace=config.kill_grace_seconds)
+
+    def on_worker_stop(self) -> None:
+        """Close the run guardian (it stops any run left behind) and wait for it."""
+        stop_guardian()
+
     def execute(self, spec: Any, ctx: RunContext) -> Result:
         proc = subprocess.Popen(
-            [*_DEATH_PREFIX, spec.shell, "-c", spec.command],
+            [spec.shell, "-c", spec.command],
             cwd=spec.cwd,
             env=self._env(ctx),
             stdin=subprocess.DEVNULL,
@@ -219,9 +228,10 @@ class ShellExecutor(Executor):
         return self._result(outcome, proc.returncode, tail, ctx)
 
     def _env(self, ctx: RunContext) -> dict[str, str]:
-        env = dict(os.environ)
+        env = _base_env().copy()
         env.update(ctx.env)
         env.update(param_env(dict(ctx.parameters)))
+        env.update(guard_env())
         env[RUN_MARKER] = str(ctx.run_id)
         return env
 

@@ -131,8 +131,12 @@ class WorkerMonitor(Middleware):
         with self._lock:
             return list(self.active.values())
 
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        """Before any worker thread can take a message: runs start with the executors ready
+        (the shell executor's guardian in place; kernels warm in the background)."""
+        start_executors(executor_config(self.settings))
+
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        start_executors(executor_config(self.settings))  # e.g. warm the kernel pool
         self._beat()
         self._thread = threading.Thread(target=self._loop, name="nbcron-monitor", daemon=True)
         self._thread.start()
@@ -234,8 +238,10 @@ class RunHandler:
         return _while_unavailable(lambda: self._claims(run_id), what=f"run {run_id}")
 
     def _claim_batch(self, run_ids: Sequence[int]) -> list[dict[str, Any] | None]:
+        """One claim statement for the batch. A run id twice in one batch (a re-sent message
+        arriving with the first) is claimed once: only its first caller gets the row."""
         claimed = self.store.claim_runs(run_ids, worker=self.monitor.name)
-        return [claimed.get(run_id) for run_id in run_ids]
+        return [claimed.pop(run_id, None) for run_id in run_ids]
 
     def _finish_batch(self, results: Sequence[RunResult]) -> list[None]:
         self.store.finish_runs(results)
