@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from service.models import MisfirePolicy, OverlapPolicy, Task
-from service.schedule import first_slot_after, slots_between
+from service.schedule import first_slot_after, slots_until
 from service.store import Store
 
 MAX_SLOTS_PER_TICK = 1000  # bound on slots looked at for one task in one tick
@@ -58,10 +58,11 @@ def _by_overlap(plan: FirePlan, task: Task, *, active: bool) -> FirePlan:
 def plan_firing(task: Task, now: datetime, *, active: bool) -> FirePlan:
     """The plan for a task whose next_fire_at has come."""
     assert task.schedule is not None and task.next_fire_at is not None
-    slots = slots_between(
+    window, nxt = slots_until(
         task.schedule, task.timezone, start=task.next_fire_at, end=now, limit=MAX_SLOTS_PER_TICK
     )
-    if len(slots) == MAX_SLOTS_PER_TICK:
+    slots = list(window)
+    if nxt is None:
         # Far behind: this window does not reach `now`, so every slot in it is late. The policy
         # applies once, in the window that reaches `now`; here the slots are only recorded.
         missed = [(s, "misfire: too far behind, slot not run") for s in slots]
@@ -69,7 +70,6 @@ def plan_firing(task: Task, now: datetime, *, active: bool) -> FirePlan:
             missed=missed, next_fire_at=first_slot_after(task.schedule, task.timezone, slots[-1])
         )
     plan = _by_overlap(_by_misfire(task, slots, now), task, active=active)
-    nxt = first_slot_after(task.schedule, task.timezone, now)
     return FirePlan(
         run_slots=plan.run_slots,
         missed=plan.missed,

@@ -115,8 +115,10 @@ UPDATE runs SET dispatched_at = NULL WHERE id = ANY(%(ids)s) AND status = 'queue
 SELECT min(not_before) AS at FROM runs WHERE status = 'queued' AND dispatched_at IS NULL;
 
 -- name: due_tasks
+-- Due by the dispatcher's clock, the same `now` its plans use: were the database's clock ahead,
+-- a task could be due here yet have no slot by `now`, and keep coming back unchanged.
 SELECT * FROM tasks
-WHERE enabled AND next_fire_at IS NOT NULL AND next_fire_at <= now()
+WHERE enabled AND next_fire_at IS NOT NULL AND next_fire_at <= %(now)s
 ORDER BY next_fire_at
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;

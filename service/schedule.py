@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
@@ -46,6 +47,26 @@ def slots_between(
             break
         slots.append(slot)
     return slots
+
+
+@lru_cache(maxsize=4096)
+def slots_until(
+    schedule: str, timezone: str, *, start: datetime, end: datetime, limit: int
+) -> tuple[tuple[datetime, ...], datetime | None]:
+    """The slots from `start` (inclusive) to `end` (inclusive), at most `limit`, and the first slot
+    after `end` (None when the limit cut the window short). One pass of one iterator.
+
+    Cached: the tasks of a herd (same schedule, same due slot, one tick's `end`) cost one
+    computation between them.
+    """
+    slots: list[datetime] = []
+    for slot in iter_slots(schedule, timezone, start - _EPSILON):
+        if slot > end:
+            return tuple(slots), slot
+        if len(slots) >= limit:
+            return tuple(slots), None
+        slots.append(slot)
+    raise AssertionError("a cron schedule has no end")  # pragma: no cover
 
 
 def next_slots(schedule: str, timezone: str, *, after: datetime, count: int) -> list[datetime]:

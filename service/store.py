@@ -305,7 +305,7 @@ class Store:
         Python, then applied with one statement per kind of write.
         """
         with self.tx() as tx:
-            tasks = [Task.from_row(row) for row in tx.all("due_tasks", limit=limit)]
+            tasks = [Task.from_row(row) for row in tx.all("due_tasks", now=now, limit=limit)]
             watched = [t.id for t in tasks if t.overlap_policy != "allow"]
             active = (
                 {r["task_id"] for r in tx.all("active_tasks", ids=watched)} if watched else set()

@@ -75,6 +75,30 @@ def back_date(settings: Settings, task_id: int, *, minutes: int) -> None:
     )
 
 
+def test_a_slot_due_by_the_database_clock_but_not_yet_by_the_dispatchers_waits_a_tick(
+    store: Store, settings: Settings
+) -> None:
+    """The dispatcher's clock a little behind Postgres's at a slot boundary: the slot is not due
+    yet for the tick, which must end (not spin on a task it cannot advance) and fire it later."""
+    from service.firing import fire_due_tasks
+
+    sql(
+        settings,
+        "INSERT INTO tasks (name, executor, spec, schedule, next_fire_at) "
+        "SELECT 'edge-' || g, 'shell', '{\"command\": \"true\"}', '* * * * *', "
+        "date_trunc('minute', now()) FROM generate_series(1, 150) g",
+    )
+    slot = sql(settings, "SELECT min(next_fire_at) FROM tasks")[0][0]
+    started = time.monotonic()
+    assert fire_due_tasks(store, now=slot - timedelta(milliseconds=5)) == 0
+    assert time.monotonic() - started < 5
+    assert sql(settings, "SELECT count(*) FROM runs") == [(0,)]
+    assert fire_due_tasks(store, now=slot + timedelta(milliseconds=5)) == 150
+    assert sql(settings, "SELECT count(DISTINCT task_id), min(scheduled_for) FROM runs") == [
+        (150, slot)
+    ]
+
+
 @pytest.mark.parametrize(
     ("policy", "expect_runs"),
     [("skip", (0, 1)), ("run_once", (1, 1)), ("run_all", (10, 11))],
