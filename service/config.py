@@ -23,6 +23,7 @@ class Settings:
     api_key: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    api_workers: int = 1  # `nbcron api` processes sharing the port (uvicorn --workers)
     dashboard_port: int = 5006
     notebooks_dir: Path = Path("notebooks")
     http_allowlist: tuple[str, ...] = ()
@@ -31,11 +32,11 @@ class Settings:
     kernel_pool_kernels: tuple[str, ...] = ("python3",)  # kernels warmed when a worker starts
     broker_namespace: str = "nbcron"
     worker_processes: int = 1
-    worker_threads: int = 4
+    worker_threads: int = 16  # concurrent runs per process; they share claim/finish statements
     worker_queues: tuple[str, ...] = ("default",)
     worker_name: str | None = None
     consumer_wait_ms: int = 10  # longest idle poll of the broker: bounds pickup latency
-    worker_prefetch: int = 0  # messages a worker process holds ahead; 0: 16 per thread
+    worker_prefetch: int = 0  # messages a worker process holds ahead; 0: 4 per thread
     poll_interval_seconds: float = 1.0
     dispatch_batch: int = 500
     redispatch_after_seconds: float = 300.0
@@ -69,6 +70,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()  # empty: CORS off; "*" or exact origins
     rate_limit_per_minute: int = 60000  # requests per key per API process; 0: off
     metrics_public: bool = False  # True: GET /metrics needs no key
+    auth_cache_seconds: float = 5.0  # longest an API process trusts a looked-up key; 0: off
 
     @property
     def admin_key_path(self) -> Path:

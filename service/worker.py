@@ -352,7 +352,8 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
 
     stop = stop or _stop_on_signals()
     threads = settings.worker_threads
-    store = Store(require_database_url(settings), min_size=1, max_size=threads + 2).open()
+    # claims and results share statements, so a few connections serve many threads
+    store = Store(require_database_url(settings), min_size=1, max_size=min(threads, 8) + 2).open()
     monitor = WorkerMonitor(store, settings, worker_name(settings))
     broker = make_broker(settings, extra=[monitor])
     handler = RunHandler(store, monitor, settings)
@@ -367,7 +368,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
     )
     # Dramatiq's consumer backs off (up to worker_timeout) whenever its prefetch is all in flight;
     # a deep prefetch keeps every thread fed between acks.
-    worker.queue_prefetch = settings.worker_prefetch or 16 * threads
+    worker.queue_prefetch = settings.worker_prefetch or 4 * threads
     worker.start()
     log.info("worker %s consuming %s", monitor.name, ",".join(settings.worker_queues))
     stop.wait()
