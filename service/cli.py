@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from service.client import TERMINAL, Client, ClientError, Progress, exit_status
-from service.config import Settings, load_settings
+from service.config import Settings, load_settings, settings_env
 from service.errors import NbcronError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,7 +62,7 @@ def _setup_logging(settings: Settings) -> None:
 def main(ctx: click.Context, config: Path | None) -> None:
     """nbcron: schedule shell commands, HTTP calls and notebooks."""
     try:
-        ctx.obj = {"settings": load_settings(toml_path=config)}
+        ctx.obj = {"settings": load_settings(toml_path=config), "config": config}
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
 
@@ -97,23 +98,36 @@ def up(
 @main.command()
 @click.option("--host")
 @click.option("--port", type=int)
+@click.option("--workers", type=int, help="API processes sharing the port (default 1)")
 @click.pass_context
 @friendly
-def api(ctx: click.Context, host: str | None, port: int | None) -> None:
+def api(ctx: click.Context, host: str | None, port: int | None, workers: int | None) -> None:
     """Serve the REST API."""
     import uvicorn
 
-    from service.api import create_app
-
-    settings = _settings(ctx).with_overrides(api_host=host, api_port=port)
+    settings = _settings(ctx).with_overrides(api_host=host, api_port=port, api_workers=workers)
     _setup_logging(settings)
     uvicorn.run(
-        create_app(settings),
+        **_api_target(settings, ctx.obj.get("config")),
         host=settings.api_host,
         port=settings.api_port,
         log_level="warning",
         access_log=False,
     )
+
+
+def _api_target(settings: Settings, config: Path | None) -> dict[str, Any]:
+    """What uvicorn serves: the app itself, or (several processes) a factory each process calls.
+
+    The processes rebuild the settings from the environment, so this one exports them all."""
+    if settings.api_workers <= 1:
+        from service.api import create_app
+
+        return {"app": create_app(settings)}
+    os.environ.update(settings_env(settings))
+    if config is not None:
+        os.environ["NBCRON_CONFIG"] = str(config)  # the same file for what env leaves unset
+    return {"app": "service.api:app_from_env", "factory": True, "workers": settings.api_workers}
 
 
 @main.command()

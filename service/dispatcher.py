@@ -40,15 +40,11 @@ class Dispatcher:
         self._retry_broker_at = 0.0
 
     def tick(self) -> int:
-        """Fire due cron slots, sending each batch's runs as soon as it commits; send the other
-        due runs; reap lost ones. Return how many runs were sent."""
-        sent: list[int] = []
-        fire_due_tasks(
-            self.store, now=datetime.now(UTC), after_batch=lambda: sent.append(self.send_due())
-        )
-        sent.append(self.send_due())
+        """Fire due cron slots, send due runs, reap lost ones; return how many runs were sent."""
+        fire_due_tasks(self.store, now=datetime.now(UTC))
+        sent = self.send_due()
         self._housekeeping()
-        return sum(sent)
+        return sent
 
     def send_due(self) -> int:
         """Claim due runs in batches and put their ids on the broker."""

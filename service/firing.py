@@ -6,7 +6,6 @@ with the unique (task_id, scheduled_for) index making every slot fire once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -78,23 +77,15 @@ def plan_firing(task: Task, now: datetime, *, active: bool) -> FirePlan:
     )
 
 
-def fire_due_tasks(
-    store: Store,
-    *,
-    now: datetime,
-    batch: int = 100,
-    after_batch: Callable[[], object] = lambda: None,
-) -> int:
+def fire_due_tasks(store: Store, *, now: datetime, batch: int = 500) -> int:
     """Apply the plan of every due task; return the number of runs queued.
 
-    `after_batch` runs after each committed batch (the dispatcher sends the new runs then), so
-    with a thousand tasks due at once the first runs start before the last slots are planned.
+    All due tasks are fired before anything is sent, so a herd's fire lag is the time to plan
+    and insert it (a few statements per batch), not that plus the sends.
     """
     total = 0
     while True:
         fired, queued = store.fire_due(now=now, planner=plan_firing, limit=batch)
         total += queued
-        if queued:
-            after_batch()
         if fired < batch:
             return total

@@ -2,7 +2,9 @@
 
 Each key may make `per_minute` requests in a burst and then `per_minute / 60` per second. The
 buckets live in the API process (one bucket per key and process): the limit protects the
-process and the database from a runaway client; it is not an accounting system.
+process and the database from a runaway client; it is not an accounting system. With several
+API processes (`api_workers`, or several `nbcron api` behind a balancer) each keeps its own
+buckets, so a key spreading its connections may make up to that many times `per_minute`.
 """
 
 from __future__ import annotations

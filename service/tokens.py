@@ -3,7 +3,8 @@
 The signing secret comes from settings (`NBCRON_JWT_SECRET`) or is generated once into
 `<data dir>/jwt-secret` (mode 0600). Verification accepts HS256 only — `alg: none`, any other
 algorithm, a bad signature, a wrong issuer or an expired token are all AuthError (401). A token
-names the key it was made from, so revoking the key ends its tokens at once.
+names the key it was made from, so revoking the key ends its tokens too (as soon as the API
+processes hear of it: see `PrincipalCache` in service/auth.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import jwt
 
-from service.auth import Principal, authenticate
+from service.auth import Principal, PrincipalCache, authenticate
 from service.config import Settings
 from service.errors import AuthError
 from service.models import Role
@@ -107,7 +108,11 @@ def _claims(claims: dict[str, object]) -> TokenClaims:
 
 def principal_from_token(store: Store, token: str, *, secret: str) -> Principal:
     """The principal a JWT stands for; its key must still exist and be unrevoked."""
-    claims = verify(token, secret=secret)
+    return principal_for_claims(store, verify(token, secret=secret))
+
+
+def principal_for_claims(store: Store, claims: TokenClaims) -> Principal:
+    """The principal behind verified claims; the key must still exist and be unrevoked."""
     row = store.key_by_id(claims.key_id)
     if row is None or row["revoked_at"] is not None:
         raise AuthError("the API key behind this token has been revoked")
@@ -118,8 +123,28 @@ def principal_from_token(store: Store, token: str, *, secret: str) -> Principal:
     return Principal(key_id=row["id"], name=row["name"], role=role)
 
 
+def cached(state: Mapping[str, Any], credential: str) -> Principal | None:
+    """The principal from the process's cache (`state["principals"]`), if it holds one.
+
+    Never blocks: safe on the event loop. None means: call `resolve` in a worker thread."""
+    cache: PrincipalCache | None = state.get("principals")
+    return cache.get(credential) if cache is not None else None
+
+
 def resolve(state: Mapping[str, Any], credential: str) -> Principal:
-    """The principal for an API key or a JWT (blocking: runs in a worker thread)."""
+    """The principal for an API key or a JWT (blocking: runs in a worker thread), remembered
+    in `state["principals"]` when there is such a cache."""
+    cache: PrincipalCache | None = state.get("principals")
+    generation = cache.generation if cache is not None else 0
+    principal, until = _lookup(state, credential)
+    if cache is not None:
+        cache.put(credential, principal, generation=generation, until=until)
+    return principal
+
+
+def _lookup(state: Mapping[str, Any], credential: str) -> tuple[Principal, float | None]:
+    """The principal and, for a JWT, the time (epoch seconds) it stops being valid."""
     if looks_like_jwt(credential):
-        return principal_from_token(state["store"], credential, secret=state["jwt_secret"])
-    return authenticate(state["store"], credential)
+        claims = verify(credential, secret=state["jwt_secret"])
+        return principal_for_claims(state["store"], claims), float(claims.expires_at)
+    return authenticate(state["store"], credential), None

@@ -21,6 +21,7 @@ from service.api.keys import KeyController
 from service.api.metrics_routes import ROUTES as METRICS_ROUTES
 from service.api.problems import EXCEPTION_HANDLERS, correct_allow_header, document_problems
 from service.api.reports import ReportController
+from service.api.revocations import RevocationListener
 from service.api.runs import RunController
 from service.api.security import (
     KeyAuthMiddleware,
@@ -33,12 +34,23 @@ from service.api.security import (
 from service.api.system import SystemController, health
 from service.api.tasks import TaskController
 from service.bootstrap import require_database_url
-from service.config import Settings
+from service.config import Settings, load_settings
+from service.logging import configure_logging
 from service.metrics import ApiMetrics, RequestMetrics
 from service.store import Store
-from service.tracing import TracingMiddleware, store_class
+from service.tracing import TracingMiddleware, setup_tracing, store_class
 
 MAX_BODY_BYTES = 1024 * 1024
+
+
+def app_from_env() -> Litestar:
+    """The app of one of several `nbcron api` processes (uvicorn's `workers` needs a factory):
+    settings from the `NBCRON_*` environment the parent exported; logging and tracing set up
+    in this process."""
+    settings = load_settings()
+    configure_logging(settings, role="api")
+    setup_tracing(settings, role="api")
+    return create_app(settings)
 
 
 def _store(state: State) -> Store:
@@ -56,9 +68,11 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Litestar:
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
         ).open(wait=False)
+        revocations = RevocationListener(app.state.store, app.state.principals).start()
         try:
             yield
         finally:
+            revocations.stop()
             if owned:
                 app.state.store.close()
 

@@ -47,6 +47,7 @@ class KeyController(Controller):
     @delete("/{key_id:int}", operation_id="revokeKey", sync_to_thread=True, status_code=200)
     def revoke(self, request: Request[Any, Any, Any], store: Store, key_id: int) -> ApiKey:
         """Revoke a key; it is refused from the next request on."""
-        record = store.revoke_api_key(key_id)
+        record = store.revoke_api_key_notify(key_id)
+        request.app.state.principals.clear()  # here at once; other processes on the NOTIFY
         audit(request, store, "key.revoke", "key", str(key_id))
         return record

@@ -30,10 +30,13 @@ class RunController(Controller):
         status: RunStatus | None = None,
     ) -> Page:
         """Runs, newest first, filterable by task and status."""
-        task_id = store.get_task(task).id if task else None
-        runs = store.list_runs(
-            limit=limit, cursor=cursor, task_id=task_id, status=status.value if status else None
-        )
+        if not task and status is None:
+            runs = store.list_recent_runs(limit=limit, cursor=cursor)
+        else:
+            task_id = store.get_task(task).id if task else None
+            runs = store.list_runs(
+                limit=limit, cursor=cursor, task_id=task_id, status=status.value if status else None
+            )
         return Page(items=runs, next_cursor=runs[-1].id if len(runs) == limit else None)
 
     @get("/{run_id:int}", operation_id="getRun", guards=CAN_READ, sync_to_thread=True)

@@ -2,7 +2,9 @@
 
 Every request outside `open_paths()` goes through `KeyAuthMiddleware`: the credential comes from
 `Authorization: Bearer <key or JWT>` or `X-API-Key: <key>`; a revoked key (or a token made from
-one) is refused at once. Each route also carries a role guard, so a route is closed twice:
+one) is refused once the process hears of the revocation (NOTIFY: milliseconds; the revoking
+process: the next request), `auth_cache_seconds` at most (see `PrincipalCache` in
+service/auth.py). Each route also carries a role guard, so a route is closed twice:
 
     viewer < operator (trigger, cancel, pause/resume) < author (task writes) < admin (keys, audit)
 """
@@ -10,7 +12,7 @@ one) is refused at once. Each route also carries a role guard, so a route is clo
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio.to_thread
@@ -22,12 +24,12 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.types import Message, Scope
 
-from service.auth import Principal
+from service.auth import Principal, PrincipalCache
 from service.config import Settings
 from service.errors import AuthError, ForbiddenError
 from service.models import Role
 from service.ratelimit import RateLimiter
-from service.tokens import jwt_secret, resolve
+from service.tokens import cached, jwt_secret, resolve
 
 OPEN_PATHS = ["^/health$", "^/schema"]  # liveness, and the API's own description
 METRICS_PATH = "^/metrics$"
@@ -46,10 +48,12 @@ def open_paths(settings: Settings) -> list[str]:
 
 
 def security_state(settings: Settings) -> dict[str, Any]:
-    """What the middleware needs on `app.state`: the JWT secret and the rate limiter."""
+    """What the middleware needs on `app.state`: the JWT secret, the rate limiter and the
+    principal cache (live once the lifespan's revocation listener is connected)."""
     return {
         "jwt_secret": jwt_secret(settings),
         "rate_limiter": RateLimiter(settings.rate_limit_per_minute),
+        "principals": PrincipalCache(settings.auth_cache_seconds),
     }
 
 
@@ -94,7 +98,9 @@ class KeyAuthMiddleware(AbstractAuthenticationMiddleware):
     ) -> AuthenticationResult:
         credential = credentials(connection)
         state = connection.app.state
-        principal = await anyio.to_thread.run_sync(resolve, state, credential)
+        principal = cached(state, credential)
+        if principal is None:  # the lookup blocks: off the event loop
+            principal = await anyio.to_thread.run_sync(resolve, state, credential)
         limiter: RateLimiter | None = state.get("rate_limiter")
         if limiter is not None:
             limiter.check(principal.key_id)
@@ -109,10 +115,16 @@ def caller(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     return user
 
 
-def requires(role: Role) -> Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]:
-    """A guard allowing callers whose role includes `role`."""
+Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
 
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+
+def requires(role: Role) -> Guard:
+    """A guard allowing callers whose role includes `role`.
+
+    Guards are coroutines: Litestar runs a plain-function guard in a worker thread, a thread
+    hop per request for a comparison of two roles."""
+
+    async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         user = caller(connection)
         if not user.role.allows(role):
             raise ForbiddenError(f"this needs the {role.value} role; your key is {user.role.value}")
@@ -121,12 +133,12 @@ def requires(role: Role) -> Callable[[ASGIConnection[Any, Any, Any, Any], BaseRo
     return guard
 
 
-def metrics_guard(
+async def metrics_guard(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
     """For /metrics: open when `metrics_public` is set, else the viewer role."""
     if not connection.app.state.settings.metrics_public:
-        requires(Role.VIEWER)(connection, handler)
+        await requires(Role.VIEWER)(connection, handler)
 
 
 metrics_guard.required_role = Role.VIEWER  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ from service.secrets import (
 )
 from service.store import Store
 from service.tasks import check_parameters, executor_config, parse_task_body, task_values
+from service.tracing import current_traceparent
 
 Limit = Annotated[int, Parameter(ge=1, le=500, description="page size (max 500)")]
 Cursor = Annotated[
@@ -50,8 +51,13 @@ def task_view(task: Task, *, upcoming: int = 0, secrets: Iterable[str] = ()) -> 
 
 
 def _config(request: Request[Any, Any, Any]) -> ExecutorConfig:
-    """This API process's view of the machine (notebooks root, HTTP allowlist) for validation."""
-    return executor_config(request.app.state.settings)
+    """This API process's view of the machine (notebooks root, HTTP allowlist) for validation,
+    worked out once per process (it resolves a path)."""
+    state = request.app.state
+    config: ExecutorConfig | None = state.get("executor_config")
+    if config is None:
+        config = state.executor_config = executor_config(state.settings)
+    return config
 
 
 class TaskController(Controller):
@@ -93,8 +99,8 @@ class TaskController(Controller):
     @get("/{ref:str}", operation_id="getTask", guards=CAN_READ, sync_to_thread=True)
     def show(self, store: Store, ref: str) -> dict[str, Any]:
         """One task by id or name, with its next 5 fire times."""
-        task = store.get_task(ref)
-        return task_view(task, upcoming=5, secrets=store.task_secret_names([task.id])[task.id])
+        task, secrets = store.get_task_view(ref)
+        return task_view(task, upcoming=5, secrets=secrets)
 
     @patch("/{ref:str}", operation_id="updateTask", guards=CAN_OPERATE, sync_to_thread=True)
     def update(
@@ -154,12 +160,12 @@ class TaskController(Controller):
         parameters = check_parameters(
             data.parameters if data else {}, task=task, config=_config(request)
         )
-        return store.create_run(
+        return store.trigger_run(
             task,
-            trigger="manual",
             parameters=parameters,
             idempotency_key=idempotency_key,
             audit=audit_entry(request, "task.trigger", "task", str(task.id)),
+            traceparent=current_traceparent(),
         )[0]
 
     @get("/{ref:str}/runs", operation_id="listTaskRuns", guards=CAN_READ, sync_to_thread=True)

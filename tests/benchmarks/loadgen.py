@@ -21,6 +21,13 @@ class Request:
 class Result:
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    seconds: float = 0.0  # from the first request's departure to the last answer
+
+    @property
+    def throughput(self) -> float:
+        """Answers per second: below the offered rate when the server fell behind."""
+        done = sum(len(v) for v in self.latencies.values())
+        return done / self.seconds if self.seconds else 0.0
 
 
 async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -86,6 +93,7 @@ async def _run(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i)))
     await asyncio.gather(*tasks)
+    result.seconds = time.perf_counter() - start
     return result
 
 
