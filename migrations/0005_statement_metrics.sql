@@ -2,7 +2,8 @@
 -- The row triggers of 0002 ran up to three upserts and a notification lookup for every status
 -- change; a worker that claims or finishes a batch of runs in one statement now costs one grouped
 -- upsert and one insert. Updates that leave the status alone add nothing. What is recorded is
--- unchanged. The counted events:
+-- unchanged. Concurrent writers spread over 64 shards (pid mod 64) instead of 8, so two workers'
+-- statements rarely wait on the same counter row. The counted events:
 --   created       a run inserted as queued (label: trigger)
 --   dispatch_lag  a run that became running (seconds from its slot or not_before to its start)
 --   finished      a run that reached any other status (label: status), and its duration.
@@ -38,7 +39,7 @@ CREATE FUNCTION nbcron_run_metrics_inserted() RETURNS trigger LANGUAGE plpgsql A
 BEGIN
     INSERT INTO run_metrics AS m (metric, executor, label, bucket, shard, n, total)
     SELECT o.metric, coalesce(t.executor, '?'), o.label, nbcron_bucket(o.v),
-           pg_backend_pid() % 8, count(*), coalesce(sum(o.v), 0)
+           pg_backend_pid() % 64, count(*), coalesce(sum(o.v), 0)
     FROM new_runs n
     LEFT JOIN tasks t ON t.id = n.task_id
     CROSS JOIN LATERAL nbcron_observations(n.status, n.trigger, true, n.started_at,
@@ -57,7 +58,7 @@ CREATE FUNCTION nbcron_runs_updated() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO run_metrics AS m (metric, executor, label, bucket, shard, n, total)
     SELECT o.metric, coalesce(t.executor, '?'), o.label, nbcron_bucket(o.v),
-           pg_backend_pid() % 8, count(*), coalesce(sum(o.v), 0)
+           pg_backend_pid() % 64, count(*), coalesce(sum(o.v), 0)
     FROM new_runs n
     JOIN old_runs p ON p.id = n.id AND p.status IS DISTINCT FROM n.status
     LEFT JOIN tasks t ON t.id = n.task_id
