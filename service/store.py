@@ -204,15 +204,16 @@ class Store:
 
     def get_task(self, ref: str | int) -> Task:
         """A task by numeric id or by name."""
+        return Task.from_row(self._task_row(ref, "get_task_by_id", "get_task_by_name"))
+
+    def _task_row(self, ref: str | int, by_id: str, by_name: str) -> dict[str, Any]:
+        """One row of `by_id` for a numeric ref, else of `by_name`; NotFoundError when none."""
         text = str(ref)
         with self.auto() as tx:
-            if text.isdigit():
-                row = tx.one("get_task_by_id", id=int(text))
-            else:
-                row = tx.one("get_task_by_name", name=text)
+            row = tx.one(by_id, id=int(text)) if text.isdigit() else tx.one(by_name, name=text)
         if row is None:
             raise NotFoundError(f"task {text!r} not found")
-        return Task.from_row(row)
+        return row
 
     def list_tasks(self, *, limit: int, cursor: int | None = None, **filters: Any) -> list[Task]:
         params = {"enabled": None, "executor": None, "tag": None, "q": None} | filters
@@ -727,14 +728,7 @@ class Store:
 
     def get_task_view(self, ref: str | int) -> tuple[Task, list[str]]:
         """A task by numeric id or by name, with its secret names (never values)."""
-        text = str(ref)
-        with self.auto() as tx:
-            if text.isdigit():
-                row = tx.one("get_task_view_by_id", id=int(text))
-            else:
-                row = tx.one("get_task_view_by_name", name=text)
-        if row is None:
-            raise NotFoundError(f"task {text!r} not found")
+        row = self._task_row(ref, "get_task_view_by_id", "get_task_view_by_name")
         return Task.from_row(row), list(row["secret_names"])
 
     def trigger_run(

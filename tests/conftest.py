@@ -20,6 +20,7 @@ from tests.support import (
     free_port,
     fresh_database,
     require_servers,
+    running_api,
 )
 
 
@@ -75,13 +76,8 @@ def admin_key(store: Store, settings: Settings) -> str:
 @pytest.fixture
 def api_stack(settings: Settings, admin_key: str, tmp_path: Path) -> Iterator[Stack]:
     """Only the API process (for request/response tests)."""
-    stack = Stack(settings=settings, key=admin_key, logs=tmp_path)
-    stack.start("api")
-    try:
-        stack.wait_healthy()
+    with running_api(settings, admin_key, tmp_path) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 @pytest.fixture

@@ -169,6 +169,18 @@ class Stack:
         return httpx.Client(base_url=self.base, headers=headers, timeout=30)
 
 
+@contextmanager
+def running_api(settings: Settings, key: str, logs: Path) -> Iterator[Stack]:
+    """An API process on `settings`, healthy when the block starts, stopped after it."""
+    stack = Stack(settings=settings, key=key, logs=logs)
+    stack.start("api")
+    try:
+        stack.wait_healthy()
+        yield stack
+    finally:
+        stack.stop_all()
+
+
 def wait_run(client: httpx.Client, run_id: int, *, timeout: float = 30) -> dict[str, Any]:
     """Poll a run until it is terminal."""
     deadline = time.monotonic() + timeout

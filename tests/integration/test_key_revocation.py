@@ -17,7 +17,7 @@ import psycopg
 from service.config import Settings
 from service.models import Role
 from service.store import Store
-from tests.support import Stack, wait_for
+from tests.support import Stack, running_api, wait_for
 
 LONG_TTL = 3600.0  # so that only the NOTIFY can explain a refusal
 
@@ -25,13 +25,8 @@ LONG_TTL = 3600.0  # so that only the NOTIFY can explain a refusal
 @contextmanager
 def api(settings: Settings, admin_key: str, logs: Path, **overrides: Any) -> Iterator[Stack]:
     """An API on the test database with some settings changed, healthy when the block starts."""
-    stack = Stack(settings=settings.with_overrides(**overrides), key=admin_key, logs=logs)
-    stack.start("api")
-    try:
-        stack.wait_healthy()
+    with running_api(settings.with_overrides(**overrides), admin_key, logs) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 def new_key(stack: Stack, role: Role = Role.VIEWER) -> dict[str, Any]:
