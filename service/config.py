@@ -32,7 +32,7 @@ class Settings:
     kernel_pool_kernels: tuple[str, ...] = ("python3",)  # kernels warmed when a worker starts
     broker_namespace: str = "nbcron"
     worker_processes: int = 1
-    worker_threads: int = 16  # concurrent runs per process; they share claim/finish statements
+    worker_threads: int = 32  # concurrent runs per process; they share claim/finish statements
     worker_queues: tuple[str, ...] = ("default",)
     worker_name: str | None = None
     consumer_wait_ms: int = 10  # longest idle poll of the broker: bounds pickup latency

@@ -1,8 +1,9 @@
 """The dispatcher: fires cron slots, sends due queued runs to the broker, reaps lost runs.
 
-It wakes on `NOTIFY nbcron_runs` (sent by a trigger on every insert into runs) or after a short
-poll. All claims are SQL (`FOR UPDATE SKIP LOCKED`, unique slots), so several dispatchers may run
-at once and each firing and each send still happens once.
+It wakes on `NOTIFY nbcron_runs` (sent by triggers on every insert into runs, payload '', and on
+every task write, payload 'tasks') or after a short poll. All claims are SQL (`FOR UPDATE SKIP
+LOCKED`, unique slots), so several dispatchers may run at once and each firing and each send still
+happens once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from service.tracing import dispatch_spans
 
 log = logging.getLogger("nbcron.dispatcher")
 CHANNEL = "nbcron_runs"
+TASKS_CHANGED = "tasks"  # the payload of a task write (migration 0006)
 
 
 class Dispatcher:
@@ -38,13 +40,31 @@ class Dispatcher:
         self._last_beat = 0.0
         self._broker_backoff = 0.0
         self._retry_broker_at = 0.0
+        # The next cron slot as last read, and when (monotonic); None: look at the tasks.
+        self._fire_at: datetime | None = None
+        self._fire_read_at: float | None = None
 
     def tick(self) -> int:
         """Fire due cron slots, send due runs, reap lost ones; return how many runs were sent."""
-        fire_due_tasks(self.store, now=datetime.now(UTC))
+        now = datetime.now(UTC)
+        if self._cron_may_be_due(now):
+            fire_due_tasks(self.store, now=now)
         sent = self.send_due()
         self._housekeeping()
         return sent
+
+    def tasks_changed(self) -> None:
+        """A task was written (or the listener was lost): the next tick looks at the tasks."""
+        self._fire_read_at = None
+
+    def _cron_may_be_due(self, now: datetime) -> bool:
+        """False only while the slot last read is still ahead, that reading is fresher than a
+        poll, and no task was written since: a wake-up for a queued run then costs no cron
+        query."""
+        read_at = self._fire_read_at
+        if read_at is None or time.monotonic() - read_at >= self.settings.poll_interval_seconds:
+            return True
+        return self._fire_at is not None and self._fire_at <= now
 
     def send_due(self) -> int:
         """Claim due runs in batches and put their ids on the broker."""
@@ -100,11 +120,13 @@ class Dispatcher:
     def seconds_to_next(self) -> float:
         """How long the loop may sleep: until the next due run or cron slot, at most one poll."""
         wait = self.settings.poll_interval_seconds
-        now = datetime.now(UTC)
         if self.broker_down():  # due runs wait for the broker, not for a busy loop
             return min(wait, self._retry_broker_at - time.monotonic())
-        for name in ("next_pending_at", "next_fire_at"):
-            at = self.store.scalar_time(name)
+        read_at = time.monotonic()
+        pending_at, fire_at = self.store.next_work_at()
+        self._fire_at, self._fire_read_at = fire_at, read_at
+        now = datetime.now(UTC)
+        for at in (pending_at, fire_at):
             if at is not None:
                 wait = min(wait, max(0.0, (at - now).total_seconds()))
         return wait
@@ -115,11 +137,13 @@ def run_loop(dispatcher: Dispatcher, stop: threading.Event) -> None:
     listener: Listener | None = None
     while not stop.is_set():
         try:
-            listener = listener or dispatcher.store.listener(CHANNEL)
+            if listener is None:
+                listener = dispatcher.store.listener(CHANNEL)
+                dispatcher.tasks_changed()  # what was written while no one listened
             dispatcher.tick()
             wait = dispatcher.seconds_to_next()
-            if wait > 0 and not stop.is_set():
-                listener.wait(min(wait, 1.0))
+            if wait > 0 and not stop.is_set() and TASKS_CHANGED in listener.wait(min(wait, 1.0)):
+                dispatcher.tasks_changed()
         except NbcronError as exc:
             log.warning("dispatcher: %s; retrying", exc)
             if listener is not None:

@@ -111,8 +111,12 @@ RETURNING id, queue;
 -- name: undo_dispatch
 UPDATE runs SET dispatched_at = NULL WHERE id = ANY(%(ids)s) AND status = 'queued';
 
--- name: next_pending_at
-SELECT min(not_before) AS at FROM runs WHERE status = 'queued' AND dispatched_at IS NULL;
+-- name: next_work_at
+-- When the dispatcher has work next: the earliest unsent queued run and the earliest cron slot.
+SELECT (SELECT min(not_before) FROM runs WHERE status = 'queued' AND dispatched_at IS NULL)
+           AS pending_at,
+       (SELECT min(next_fire_at) FROM tasks WHERE enabled AND next_fire_at IS NOT NULL)
+           AS fire_at;
 
 -- name: due_tasks
 -- Due by the dispatcher's clock, the same `now` its plans use: were the database's clock ahead,
@@ -122,9 +126,6 @@ WHERE enabled AND next_fire_at IS NOT NULL AND next_fire_at <= %(now)s
 ORDER BY next_fire_at
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;
-
--- name: next_fire_at
-SELECT min(next_fire_at) AS at FROM tasks WHERE enabled AND next_fire_at IS NOT NULL;
 
 -- name: set_next_fire_times
 UPDATE tasks t SET next_fire_at = v.at

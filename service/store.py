@@ -106,16 +106,16 @@ class Listener:
             self.conn = psycopg.connect(url, autocommit=True)
             self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
-    def wait(self, seconds: float) -> bool:
-        """Block up to `seconds` for a notification; drain any burst; True if one came."""
-        got = False
+    def wait(self, seconds: float) -> set[str]:
+        """Block up to `seconds` for a notification; drain any burst; the payloads that came
+        (empty when none did)."""
+        payloads: set[str] = set()
         with _translated():
-            for _ in self.conn.notifies(timeout=seconds, stop_after=1):
-                got = True
-            if got:  # one insert storm costs one wake-up
-                for _ in self.conn.notifies(timeout=0.0):
-                    pass
-        return got
+            for note in self.conn.notifies(timeout=seconds, stop_after=1):
+                payloads.add(note.payload)
+            if payloads:  # one insert storm costs one wake-up
+                payloads.update(note.payload for note in self.conn.notifies(timeout=0.0))
+        return payloads
 
     def close(self) -> None:
         with contextlib.suppress(psycopg.Error):
@@ -307,6 +307,8 @@ class Store:
         """
         with self.tx() as tx:
             tasks = [Task.from_row(row) for row in tx.all("due_tasks", now=now, limit=limit)]
+            if not tasks:
+                return 0, 0
             watched = [t.id for t in tasks if t.overlap_policy != "allow"]
             active = (
                 {r["task_id"] for r in tx.all("active_tasks", ids=watched)} if watched else set()
@@ -370,10 +372,12 @@ class Store:
         with self.auto() as tx:
             tx.run("dispatcher_heartbeat", name=name)
 
-    def scalar_time(self, name: str) -> datetime | None:
+    def next_work_at(self) -> tuple[datetime | None, datetime | None]:
+        """(earliest unsent queued run, earliest cron slot), each None when there is none."""
         with self.auto() as tx:
-            row = tx.one(name)
-        return row["at"] if row else None
+            row = tx.one("next_work_at")
+        assert row is not None
+        return row["pending_at"], row["fire_at"]
 
     def claim_runs(self, run_ids: Sequence[int], *, worker: str) -> dict[int, dict[str, Any]]:
         """Claim queued runs in one statement; runs already claimed, cancelled or gone are absent."""

@@ -99,6 +99,44 @@ def test_a_slot_due_by_the_database_clock_but_not_yet_by_the_dispatchers_waits_a
     ]
 
 
+def test_a_task_written_while_the_dispatcher_sleeps_is_fired_at_once(
+    dispatcher: Dispatcher, settings: Settings
+) -> None:
+    """A task write wakes the sleeping dispatcher (NOTIFY, migration 0006), which looks at the
+    schedule at once instead of after its poll (here 30 s; each wait is at most 1 s)."""
+    import threading
+
+    from service.dispatcher import run_loop
+
+    dispatcher.settings = settings.with_overrides(poll_interval_seconds=30.0)
+    stop = threading.Event()
+    loop = threading.Thread(target=run_loop, args=(dispatcher, stop), daemon=True)
+    loop.start()
+    lags = []
+    try:
+        time.sleep(0.5)  # the dispatcher is asleep: nothing is due
+        for i in range(5):
+            # a slot already come (this minute's), so the task is due the moment it is written
+            written = sql(
+                settings,
+                "INSERT INTO tasks (name, executor, spec, schedule, misfire_policy, "
+                "next_fire_at) VALUES (%s, 'shell', '{\"command\": \"true\"}', '* * * * *', "
+                "'run_once', date_trunc('minute', now())) RETURNING id, clock_timestamp()",
+                f"written-{i}",
+            )[0]
+
+            def queued(task_id: int = written[0]) -> list[tuple[Any, ...]]:
+                return sql(settings, "SELECT queued_at FROM runs WHERE task_id = %s", task_id)
+
+            wait_for(lambda q=queued: bool(q()), timeout=5, what=f"written-{i} fired")
+            lags.append((queued()[0][0] - written[1]).total_seconds())
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        loop.join(10)
+    assert max(lags) < 0.25, lags
+
+
 @pytest.mark.parametrize(
     ("policy", "expect_runs"),
     [("skip", (0, 1)), ("run_once", (1, 1)), ("run_all", (10, 11))],
