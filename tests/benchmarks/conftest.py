@@ -35,7 +35,9 @@ class Figure:
     def row(self) -> str:
         ratio = f"{self.ratio:.2f}" if self.ratio is not None else "-"
         base = f"{self.baseline:,.1f} {self.unit} ({self.baseline_name})" if self.baseline else "-"
-        return f"| {self.name} | {self.value:,.1f} {self.unit} | {base} | {ratio} | {self.target} |"
+        digits = 2 if self.unit == "x" else 1  # a ratio near its bound needs two
+        value = f"{self.value:,.{digits}f}"
+        return f"| {self.name} | {value} {self.unit} | {base} | {ratio} | {self.target} |"
 
 
 class Recorder:
