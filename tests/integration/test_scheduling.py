@@ -134,7 +134,7 @@ def test_a_task_written_while_the_dispatcher_sleeps_is_fired_at_once(
     finally:
         stop.set()
         loop.join(10)
-    assert max(lags) < 0.25, lags
+    assert max(lags) < 0.5, lags  # by the 1 s wait alone, five in a row would rarely be
 
 
 @pytest.mark.parametrize(
