@@ -7,10 +7,11 @@ from datetime import datetime
 
 import msgspec
 from litestar import Controller, Response, get
+from litestar.params import FromPath
 
+from service.api.common import StoreDep
 from service.api.security import CAN_READ
 from service.errors import ValidationError
-from service.store import Store
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 # Artifacts hold whatever a notebook printed: never let the browser sniff, script or
@@ -48,12 +49,14 @@ class ArtifactController(Controller):
     tags = ["runs"]
 
     @get("/", operation_id="listRunArtifacts", guards=CAN_READ, sync_to_thread=True)
-    def list_artifacts(self, store: Store, run_id: int) -> list[ArtifactRead]:
+    def list_artifacts(self, store: StoreDep, run_id: FromPath[int]) -> list[ArtifactRead]:
         """The run's artifacts (name, content type, size, created_at)."""
         return [ArtifactRead(**row) for row in store.list_artifacts(run_id)]
 
     @get("/{name:str}", operation_id="getRunArtifact", guards=CAN_READ, sync_to_thread=True)
-    def download(self, store: Store, run_id: int, name: str) -> Response[bytes]:
+    def download(
+        self, store: StoreDep, run_id: FromPath[int], name: FromPath[str]
+    ) -> Response[bytes]:
         """One artifact's bytes with its content type; HTML is served sandboxed."""
         row = store.get_artifact(run_id, check_artifact_name(name))
         headers = SAFE_HEADERS | {"Content-Disposition": _disposition(name, row["content_type"])}

@@ -9,8 +9,8 @@ import msgspec
 from litestar import Controller, get
 from litestar.params import Parameter
 
+from service.api.common import StoreDep
 from service.api.security import ADMIN_ONLY
-from service.store import Store
 
 AuditLimit = Annotated[int, Parameter(ge=1, le=500, description="page size (max 500)")]
 AuditCursor = Annotated[
@@ -51,7 +51,7 @@ class AuditController(Controller):
     @get("/", operation_id="listAudit", sync_to_thread=True)
     def list_audit(
         self,
-        store: Store,
+        store: StoreDep,
         limit: AuditLimit = 50,
         cursor: AuditCursor = None,
         actor: Filter = None,

@@ -8,10 +8,9 @@ import msgspec
 from litestar import Controller, Request, post
 from litestar.status_codes import HTTP_200_OK
 
-from service.api.common import audit
+from service.api.common import StoreDep, audit
 from service.api.security import CAN_READ, caller
 from service.errors import AuthError
-from service.store import Store
 from service.tokens import issue, looks_like_jwt, token_ttl
 
 
@@ -29,7 +28,7 @@ class AuthController(Controller):
     guards = CAN_READ
 
     @post("/token", operation_id="createToken", sync_to_thread=True, status_code=HTTP_200_OK)
-    def token(self, request: Request[Any, Any, Any], store: Store) -> TokenResponse:
+    def token(self, request: Request[Any, Any, Any], store: StoreDep) -> TokenResponse:
         """A JWT for the calling key, with the key's role; revoking the key ends it too."""
         if looks_like_jwt(str(request.auth)):
             raise AuthError("a token cannot be exchanged for another; send the API key itself")

@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request
+from litestar.di import NamedDependency
 
 from service.store import Store
+
+StoreDep = NamedDependency[Store]  # the app's Store, injected by name (see create_app)
 
 
 def audit_entry(

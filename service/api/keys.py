@@ -6,13 +6,13 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, post
+from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_201_CREATED
 
-from service.api.common import audit
+from service.api.common import StoreDep, audit
 from service.api.security import ADMIN_ONLY
 from service.auth import create_key
 from service.models import ApiKey, Role
-from service.store import Store
 
 
 class KeyCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -33,19 +33,23 @@ class KeyController(Controller):
     guards = ADMIN_ONLY
 
     @post("/", operation_id="createKey", sync_to_thread=True, status_code=HTTP_201_CREATED)
-    def create(self, request: Request[Any, Any, Any], store: Store, data: KeyCreate) -> KeyCreated:
+    def create(
+        self, request: Request[Any, Any, Any], store: StoreDep, data: JSONBody[KeyCreate]
+    ) -> KeyCreated:
         """Create a key; the response is the only time it is shown."""
         key, key_id = create_key(store, name=data.name, role=data.role)
         audit(request, store, "key.create", "key", str(key_id))
         return KeyCreated(id=key_id, name=data.name, role=data.role, key=key)
 
     @get("/", operation_id="listKeys", sync_to_thread=True)
-    def list_keys(self, store: Store) -> list[ApiKey]:
+    def list_keys(self, store: StoreDep) -> list[ApiKey]:
         """Every key's record (never the key itself)."""
         return store.list_api_keys()
 
     @delete("/{key_id:int}", operation_id="revokeKey", sync_to_thread=True, status_code=200)
-    def revoke(self, request: Request[Any, Any, Any], store: Store, key_id: int) -> ApiKey:
+    def revoke(
+        self, request: Request[Any, Any, Any], store: StoreDep, key_id: FromPath[int]
+    ) -> ApiKey:
         """Revoke a key; it is refused from the next request on."""
         record = store.revoke_api_key_notify(key_id)
         request.app.state.principals.clear()  # here at once; other processes on the NOTIFY

@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Request, Response, get
 
+from service.api.common import StoreDep
 from service.api.security import CAN_READ_METRICS
 from service.metrics import CONTENT_TYPE, ApiMetrics
 from service.store import Store
@@ -24,7 +25,7 @@ def _exposition(request: Request[Any, Any, Any], store: Store) -> Response[bytes
     tags=["system"],
     media_type=CONTENT_TYPE,
 )
-def metrics(request: Request[Any, Any, Any], store: Store) -> Response[bytes]:
+def metrics(request: Request[Any, Any, Any], store: StoreDep) -> Response[bytes]:
     """Prometheus text format: run counters and histograms, queues, workers, API requests."""
     return _exposition(request, store)
 
@@ -37,7 +38,7 @@ def metrics(request: Request[Any, Any, Any], store: Store) -> Response[bytes]:
     tags=["system"],
     media_type=CONTENT_TYPE,
 )
-def system_metrics(request: Request[Any, Any, Any], store: Store) -> Response[bytes]:
+def system_metrics(request: Request[Any, Any, Any], store: StoreDep) -> Response[bytes]:
     """The same as /metrics, under /api/system."""
     return _exposition(request, store)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from litestar import Controller, Response, get
+from litestar.params import FromPath
 
 from service.api.artifacts import SAFE_HEADERS
+from service.api.common import StoreDep
 from service.api.security import CAN_READ
-from service.store import Store
 
 REPORT_NAME = "report.html"
 
@@ -24,7 +25,7 @@ class ReportController(Controller):
     tags = ["tasks"]
 
     @get("/", operation_id="getTaskReport", guards=CAN_READ, sync_to_thread=True)
-    def latest(self, store: Store, ref: str) -> Response[bytes]:
+    def latest(self, store: StoreDep, ref: FromPath[str]) -> Response[bytes]:
         """The newest succeeded run's `report.html` (404 until one exists); served sandboxed."""
         task = store.get_task(ref)
         row = store.latest_report(task.id)

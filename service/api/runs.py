@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Request, get, post
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, HeaderParameter, Parameter
 from litestar.response import ServerSentEvent
 
-from service.api.common import audit
+from service.api.common import StoreDep, audit
 from service.api.log_stream import follow_response, resume_offset
 from service.api.security import CAN_OPERATE, CAN_READ
 from service.api.tasks import Cursor, Limit
 from service.models import Page, Run, RunStatus
-from service.store import Store
 
 
 class RunController(Controller):
@@ -23,11 +22,11 @@ class RunController(Controller):
     @get("/", operation_id="listRuns", guards=CAN_READ, sync_to_thread=True)
     def list_runs(
         self,
-        store: Store,
+        store: StoreDep,
         limit: Limit = 50,
         cursor: Cursor = None,
         task: Annotated[str | None, Parameter(description="task id or name")] = None,
-        status: RunStatus | None = None,
+        status: FromQuery[RunStatus | None] = None,
     ) -> Page:
         """Runs, newest first, filterable by task and status."""
         if not task and status is None:
@@ -40,7 +39,7 @@ class RunController(Controller):
         return Page(items=runs, next_cursor=runs[-1].id if len(runs) == limit else None)
 
     @get("/{run_id:int}", operation_id="getRun", guards=CAN_READ, sync_to_thread=True)
-    def show(self, store: Store, run_id: int) -> Run:
+    def show(self, store: StoreDep, run_id: FromPath[int]) -> Run:
         """One run."""
         return store.get_run(run_id)
 
@@ -51,7 +50,9 @@ class RunController(Controller):
         sync_to_thread=True,
         status_code=200,
     )
-    def cancel(self, request: Request[Any, Any, Any], store: Store, run_id: int) -> Run:
+    def cancel(
+        self, request: Request[Any, Any, Any], store: StoreDep, run_id: FromPath[int]
+    ) -> Run:
         """Cancel a queued run at once; ask the worker to stop a running one."""
         run = store.cancel_run(run_id)
         audit(request, store, "run.cancel", "run", str(run_id))
@@ -60,13 +61,13 @@ class RunController(Controller):
     @get("/{run_id:int}/logs", operation_id="getRunLogs", guards=CAN_READ, sync_to_thread=True)
     def logs(
         self,
-        store: Store,
-        run_id: int,
+        store: StoreDep,
+        run_id: FromPath[int],
         offset: Annotated[int, Parameter(ge=0, description="chunk offset (next_offset)")] = 0,
         follow: Annotated[
             bool, Parameter(description="stream server-sent events until the run ends")
         ] = False,
-        last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
+        last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
     ) -> dict[str, Any] | ServerSentEvent:
         """The run's output from `offset`; poll again with `next_offset` until `finished`.
 

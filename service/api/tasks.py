@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, Parameter
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from executors import ExecutorConfig
-from service.api.common import audit, audit_entry
+from service.api.common import StoreDep, audit, audit_entry
 from service.api.security import CAN_AUTHOR, CAN_OPERATE, CAN_READ, check_task_patch
 from service.errors import ValidationError
 from service.models import Page, Run, Task
@@ -25,7 +25,6 @@ from service.secrets import (
     save_task_secrets,
     take_secrets,
 )
-from service.store import Store
 from service.tasks import check_parameters, executor_config, parse_task_body, task_values
 from service.tracing import current_traceparent
 
@@ -66,7 +65,7 @@ class TaskController(Controller):
 
     @post("/", operation_id="createTask", guards=CAN_AUTHOR, sync_to_thread=True)
     def create(
-        self, request: Request[Any, Any, Any], store: Store, data: dict[str, Any]
+        self, request: Request[Any, Any, Any], store: StoreDep, data: JSONBody[dict[str, Any]]
     ) -> dict[str, Any]:
         """Create a task; the body is flat, `executor` picks the kind."""
         secrets = take_secrets(data)
@@ -80,12 +79,12 @@ class TaskController(Controller):
     @get("/", operation_id="listTasks", guards=CAN_READ, sync_to_thread=True)
     def list_tasks(
         self,
-        store: Store,
+        store: StoreDep,
         limit: Limit = 50,
         cursor: Cursor = None,
-        enabled: bool | None = None,
-        executor: str | None = None,
-        tag: str | None = None,
+        enabled: FromQuery[bool | None] = None,
+        executor: FromQuery[str | None] = None,
+        tag: FromQuery[str | None] = None,
         q: Annotated[str | None, Parameter(max_length=100)] = None,
     ) -> Page:
         """Tasks in id order, keyset-paginated, filterable by enabled, executor, tag and name."""
@@ -97,14 +96,18 @@ class TaskController(Controller):
         return Page(items=[task_view(t, secrets=names[t.id]) for t in tasks], next_cursor=nxt)
 
     @get("/{ref:str}", operation_id="getTask", guards=CAN_READ, sync_to_thread=True)
-    def show(self, store: Store, ref: str) -> dict[str, Any]:
+    def show(self, store: StoreDep, ref: FromPath[str]) -> dict[str, Any]:
         """One task by id or name, with its next 5 fire times."""
         task, secrets = store.get_task_view(ref)
         return task_view(task, upcoming=5, secrets=secrets)
 
     @patch("/{ref:str}", operation_id="updateTask", guards=CAN_OPERATE, sync_to_thread=True)
     def update(
-        self, request: Request[Any, Any, Any], store: Store, ref: str, data: dict[str, Any]
+        self,
+        request: Request[Any, Any, Any],
+        store: StoreDep,
+        ref: FromPath[str],
+        data: JSONBody[dict[str, Any]],
     ) -> dict[str, Any]:
         """Change some fields; the whole task is validated again. Operators may change only
         `enabled` (pause/resume); a `secrets` entry set to null is deleted."""
@@ -132,7 +135,7 @@ class TaskController(Controller):
         sync_to_thread=True,
         status_code=HTTP_204_NO_CONTENT,
     )
-    def remove(self, request: Request[Any, Any, Any], store: Store, ref: str) -> None:
+    def remove(self, request: Request[Any, Any, Any], store: StoreDep, ref: FromPath[str]) -> None:
         """Delete a task and its run history."""
         task = store.get_task(ref)
         store.delete_task(task.id)
@@ -148,11 +151,11 @@ class TaskController(Controller):
     def trigger(
         self,
         request: Request[Any, Any, Any],
-        store: Store,
-        ref: str,
-        data: TriggerBody | None = None,
+        store: StoreDep,
+        ref: FromPath[str],
+        data: JSONBody[TriggerBody | None] = None,
         idempotency_key: Annotated[
-            str | None, Parameter(header="Idempotency-Key", max_length=200)
+            str | None, HeaderParameter(name="Idempotency-Key", max_length=200)
         ] = None,
     ) -> Run:
         """Queue a run now; the same Idempotency-Key returns the same run."""
@@ -171,11 +174,11 @@ class TaskController(Controller):
     @get("/{ref:str}/runs", operation_id="listTaskRuns", guards=CAN_READ, sync_to_thread=True)
     def runs(
         self,
-        store: Store,
-        ref: str,
+        store: StoreDep,
+        ref: FromPath[str],
         limit: Limit = 50,
         cursor: Cursor = None,
-        status: str | None = None,
+        status: FromQuery[str | None] = None,
     ) -> Page:
         """This task's runs, newest first."""
         task = store.get_task(ref)
