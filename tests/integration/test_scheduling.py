@@ -4,6 +4,7 @@ retries, time limits and cancellation."""
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 from executors.shell import marked_processes
 from service.broker import make_broker
 from service.config import Settings
-from service.dispatcher import Dispatcher
+from service.dispatcher import Dispatcher, run_loop
 from service.store import Store
 from tests.support import Stack, wait_for, wait_run
 
@@ -104,10 +105,6 @@ def test_a_task_written_while_the_dispatcher_sleeps_is_fired_at_once(
 ) -> None:
     """A task write wakes the sleeping dispatcher (NOTIFY, migration 0006), which looks at the
     schedule at once instead of after its poll (here 30 s; each wait is at most 1 s)."""
-    import threading
-
-    from service.dispatcher import run_loop
-
     dispatcher.settings = settings.with_overrides(poll_interval_seconds=30.0)
     stop = threading.Event()
     loop = threading.Thread(target=run_loop, args=(dispatcher, stop), daemon=True)
